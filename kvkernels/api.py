@@ -1,0 +1,430 @@
+"""The public ops: validate -> choose a backend -> call the registered custom op.
+
+Each op is a `torch.library.custom_op` (`torch.ops.kvkernels.*`) with a fake implementation, so
+torch.compile(fullgraph=True) traces it and CUDA graphs capture it; the appends declare the caches
+they mutate. The op body dispatches on the backend name it is given:
+
+  "cuda"       kvkernels.cuda: hand-written kernels of the compiled extension (kvkernels._C)
+  "triton"     kvkernels.triton: Triton kernels (on CPU tensors: the Triton interpreter)
+  "reference"  kvkernels.reference: plain PyTorch, the oracle
+
+backend=None (auto): CUDA tensors get "cuda" when the extension is built and supports the
+configuration, else "triton"; CPU tensors get "reference". KVKERNELS_BACKEND overrides auto.
+
+Every backend module exposes the same normalised entry points (arguments validated, defaults
+resolved, causal folded into the window):
+
+  prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+          softmax_scale, window_left, window_right, softcap) -> (out, lse)
+  decode(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_left, softcap,
+         k_scale, v_scale, num_splits, batch_invariant) -> (out, lse)
+  append(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale) -> None
+  append_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None
+  unsupported(op, **normalised args) -> str | None     # why this backend cannot run it
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+import warnings
+from typing import Optional
+
+import torch
+
+from . import config
+from . import validation as V
+
+# ------------------------------------------------------------------------------------ backends
+
+
+class _ReferenceBackend:
+    """Adapts kvkernels.reference to the normalised backend entry points."""
+
+    @staticmethod
+    def unsupported(op, **kw):
+        return None
+
+    @staticmethod
+    def prefill(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_left, window_right, softcap):
+        from . import reference
+        return reference.prefill_attention(q, k, v, softmax_scale=scale, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                           window_size=(window_left, window_right), softcap=softcap)
+
+    @staticmethod
+    def decode(q, k_cache, v_cache, seqlens, block_table, scale, window_left, softcap, k_scale, v_scale,
+               num_splits, batch_invariant):
+        from . import reference
+        out, lse = reference.decode_attention(q, k_cache, v_cache, seqlens, block_table=block_table,
+                                              softmax_scale=scale, window_left=window_left, softcap=softcap,
+                                              k_scale=k_scale, v_scale=v_scale)
+        return out, lse.to(torch.float32)
+
+    @staticmethod
+    def append(k, v, k_cache, v_cache, seqlens, block_table, k_scale, v_scale):
+        from . import reference
+        reference.append_kv(k, v, k_cache, v_cache, seqlens, block_table=block_table,
+                            k_scale=k_scale, v_scale=v_scale)
+
+    @staticmethod
+    def append_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
+        from . import reference
+        reference.append_kv_slots(k, v, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale)
+
+
+@functools.lru_cache(maxsize=None)
+def get_backend(name: str):
+    """The backend module for a name; raises RuntimeError if it cannot be loaded here."""
+    if name == "reference":
+        return _ReferenceBackend
+    if name == "triton":
+        return importlib.import_module("kvkernels.triton")
+    if name == "cuda":
+        module = importlib.import_module("kvkernels.cuda")
+        if not module.available():
+            raise RuntimeError(f"backend 'cuda' is not available: {module.unavailable_reason()}")
+        return module
+    raise ValueError(f"backend must be one of {config.BACKENDS} or None, got {name!r}")
+
+
+def _cuda_usable() -> bool:
+    try:
+        get_backend("cuda")
+        return True
+    except (RuntimeError, ImportError):
+        return False
+
+
+_fallback_warned: set = set()
+
+
+def resolve_backend(op: str, backend: str | None, device: torch.device, **kw) -> str:
+    """Pick the backend for one call and check it can run these arguments."""
+    if backend is not None and backend not in config.BACKENDS:
+        raise ValueError(f"backend must be one of {config.BACKENDS} or None, got {backend!r}")
+    explicit = backend or config.backend_override()
+    if explicit is not None:
+        try:
+            reason = get_backend(explicit).unsupported(op, **kw)
+        except RuntimeError as e:
+            raise ValueError(str(e)) from None
+        if reason:
+            raise ValueError(f"backend {explicit!r} does not support this {op} call: {reason}")
+        return explicit
+    if device.type != "cuda":
+        return "reference"
+    for name in ("cuda", "triton"):
+        if name == "cuda" and not _cuda_usable():
+            continue
+        try:
+            if get_backend(name).unsupported(op, **kw) is None:
+                return name
+        except ImportError:
+            continue
+    if op not in _fallback_warned:
+        _fallback_warned.add(op)
+        warnings.warn(f"kvkernels: no kernel supports this {op} configuration; using the PyTorch reference",
+                      RuntimeWarning, stacklevel=3)
+    return "reference"
+
+
+# ---------------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("kvkernels::prefill_attention", mutates_args=())
+def _prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor],
+                cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int,
+                softmax_scale: float, window_left: int, window_right: int, softcap: float,
+                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = get_backend(backend).prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                            softmax_scale, window_left, window_right, softcap)
+    return out, lse.to(torch.float32)
+
+
+@_prefill_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+      window_right, softcap, backend):
+    if q.dim() == 4:
+        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    else:
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    return torch.empty_like(q), lse
+
+
+@torch.library.custom_op("kvkernels::decode_attention", mutates_args=())
+def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+               block_table: Optional[torch.Tensor], softmax_scale: float, window_left: int, softcap: float,
+               k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor], num_splits: int,
+               batch_invariant: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = get_backend(backend).decode(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale,
+                                           window_left, softcap, k_scale, v_scale, num_splits, batch_invariant)
+    return out, lse.to(torch.float32)
+
+
+@_decode_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_left, softcap, k_scale, v_scale,
+      num_splits, batch_invariant, backend):
+    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+@torch.library.custom_op("kvkernels::append_kv", mutates_args=("k_cache", "v_cache"))
+def _append_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor], k_scale: Optional[torch.Tensor],
+               v_scale: Optional[torch.Tensor], backend: str) -> None:
+    get_backend(backend).append(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale)
+
+
+@_append_op.register_fake
+def _(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, backend):
+    return None
+
+
+@torch.library.custom_op("kvkernels::append_kv_slots", mutates_args=("k_cache", "v_cache"))
+def _append_slots_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     slot_mapping: torch.Tensor, k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor],
+                     backend: str) -> None:
+    get_backend(backend).append_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+
+
+@_append_slots_op.register_fake
+def _(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, backend):
+    return None
+
+
+# ------------------------------------------------------------------------------------ public ops
+
+
+def _default_scale(softmax_scale, d: int) -> float:
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(d)
+    V.scalar("softmax_scale", softmax_scale)
+    if not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    return float(softmax_scale)
+
+
+def _softcap(softcap) -> float:
+    V.scalar("softcap", softcap, minimum=0.0)
+    return float(softcap)
+
+
+def prefill_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                      max_seqlen_q=None, max_seqlen_k=None, window_size=(-1, -1), softcap=0.0,
+                      return_lse=False, backend=None):
+    """Flash-attention forward over whole prompts.
+
+    dense:  q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] -> out [B, Sq, Hq, D] (+ lse [B, Hq, Sq] fp32)
+    varlen: q [Tq, Hq, D], k/v [Tk, Hkv, D], cu_seqlens_q/k int32 [B+1] -> out [Tq, Hq, D] (+ lse [Hq, Tq])
+
+    causal is bottom-right aligned: query i sees key j iff j <= i + Sk - Sq. window_size=(left, right),
+    -1 unbounded: j in [i + Sk - Sq - left, i + Sk - Sq + right]. softcap > 0: scores =
+    softcap * tanh(scores / softcap). softmax_scale defaults to 1/sqrt(D). A query row that sees no
+    key gets out 0 and lse -inf. max_seqlen_q/k (varlen) cost a device sync when omitted.
+    """
+    V.tensor("q", q, rank=(3, 4), dtypes=V.FLOAT_DTYPES)
+    device = q.device
+    varlen = q.dim() == 3
+    V.tensor("k", k, rank=q.dim(), dtypes=(q.dtype,), device=device)
+    V.tensor("v", v, rank=q.dim(), dtypes=(q.dtype,), device=device)
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {list(k.shape)} and {list(v.shape)}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        V.last_dim_contiguous(name, x)
+    hq, d = q.shape[-2], q.shape[-1]
+    hkv = k.shape[-2]
+    V.head_dim("q", d)
+    if k.shape[-1] != d:
+        raise ValueError(f"k and v must have head dim {d} like q, got {k.shape[-1]}")
+    V.heads(hq, hkv)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)):
+        raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
+    left, right = window_size
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size entries must be >= 0 or -1 (unbounded), got {tuple(window_size)}")
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    scale = _default_scale(softmax_scale, d)
+    softcap = _softcap(softcap)
+
+    if varlen:
+        if cu_seqlens_q is None or cu_seqlens_k is None:
+            raise ValueError("q is 3-D (varlen): cu_seqlens_q and cu_seqlens_k are required")
+        V.cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], device)
+        V.cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], device)
+        if cu_seqlens_q.shape != cu_seqlens_k.shape:
+            raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both have shape [batch + 1], got "
+                             f"{list(cu_seqlens_q.shape)} and {list(cu_seqlens_k.shape)}")
+        if max_seqlen_q is None:
+            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if cu_seqlens_q.numel() > 1 else 0
+        if max_seqlen_k is None:
+            max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if cu_seqlens_k.numel() > 1 else 0
+        V.scalar("max_seqlen_q", max_seqlen_q, kind=int, minimum=0)
+        V.scalar("max_seqlen_k", max_seqlen_k, kind=int, minimum=0)
+    else:
+        for name, x in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k),
+                        ("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+            if x is not None:
+                raise ValueError(f"{name} is only for varlen (3-D q); q is 4-D [B, Sq, Hq, D]")
+        if k.shape[0] != q.shape[0]:
+            raise ValueError(f"k must have batch {q.shape[0]} like q, got {k.shape[0]}")
+        max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
+
+    backend = resolve_backend("prefill", backend, device, q=q, k=k, v=v, varlen=varlen,
+                              window_left=left, window_right=right, softcap=softcap)
+    out, lse = torch.ops.kvkernels.prefill_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                     max_seqlen_k, scale, left, right, softcap, backend)
+    return (out, lse) if return_lse else out
+
+
+def _cache_capacity(k_cache, block_table) -> tuple[int, str]:
+    if block_table is None:
+        return k_cache.shape[1], "(S_max of the contiguous cache)"
+    return block_table.shape[1] * k_cache.shape[1], "(max_pages * page_size of the paged cache)"
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, softmax_scale=None, window_left=-1,
+                     softcap=0.0, k_scale=None, v_scale=None, num_splits=0, return_lse=False, backend=None):
+    """One query token per sequence against its KV cache.
+
+    q [B, Hq, D]; cache_seqlens int32 [B]: sequence b attends to positions [0, cache_seqlens[b]).
+    contiguous: k_cache/v_cache [B, S_max, Hkv, D]
+    paged:      k_cache/v_cache [num_pages, page_size, Hkv, D], block_table int32 [B, max_pages];
+                position p of sequence b is row p % page_size of page block_table[b, p // page_size].
+    window_left >= 0: only the last window_left + 1 positions are seen. fp8 (float8_e4m3fn) caches hold
+    value / scale; k_scale/v_scale are fp32 tensors of shape [] or [Hkv] (default 1).
+    -> out [B, Hq, D] in q's dtype (+ lse [B, Hq] fp32). An empty sequence gives out 0, lse -inf.
+    num_splits: 0 = heuristic, n >= 1 forces n KV splits.
+    """
+    V.tensor("q", q, rank=3, dtypes=V.FLOAT_DTYPES)
+    device = q.device
+    V.cache_pair(k_cache, v_cache, device)
+    if k_cache.dtype != q.dtype and k_cache.dtype not in V.FP8_DTYPES:
+        raise TypeError(f"k_cache/v_cache must have q's dtype {q.dtype} or float8_e4m3fn, got {k_cache.dtype}")
+    V.last_dim_contiguous("q", q)
+    B, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    V.head_dim("q", d)
+    if k_cache.shape[3] != d:
+        raise ValueError(f"k_cache/v_cache must have head dim {d} like q, got {k_cache.shape[3]}")
+    V.heads(hq, hkv, kv_name="k_cache")
+    V.cache_seqlens(cache_seqlens, B, device)
+    if block_table is not None:
+        V.block_table(block_table, B, device)
+    elif k_cache.shape[0] != B:
+        raise ValueError(f"contiguous k_cache/v_cache must have shape [B={B}, S_max, Hkv, D], got {list(k_cache.shape)} "
+                         f"(pass block_table for a paged cache)")
+    V.scalar("window_left", window_left, kind=int, minimum=-1)
+    V.scalar("num_splits", num_splits, kind=int, minimum=0)
+    scale = _default_scale(softmax_scale, d)
+    softcap = _softcap(softcap)
+    k_scale, v_scale = V.fp8_scales(k_scale, v_scale, k_cache.dtype, hkv, device)
+    if V.values_checkable(cache_seqlens, block_table):
+        capacity, what = _cache_capacity(k_cache, block_table)
+        V.seqlen_values(cache_seqlens, 0, capacity, what)
+        if block_table is not None:
+            V.block_table_values(block_table, cache_seqlens, 0, k_cache.shape[1], k_cache.shape[0])
+
+    backend = resolve_backend("decode", backend, device, q=q, k_cache=k_cache, paged=block_table is not None,
+                              window_left=window_left, softcap=softcap)
+    out, lse = torch.ops.kvkernels.decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, scale,
+                                                    window_left, softcap, k_scale, v_scale, num_splits,
+                                                    config.batch_invariant(), backend)
+    return (out, lse) if return_lse else out
+
+
+def _append_sources(k, v, k_cache, device, rank):
+    V.tensor("k", k, rank=rank, dtypes=V.FLOAT_DTYPES, device=device)
+    V.tensor("v", v, rank=rank, dtypes=(k.dtype,), device=device)
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {list(k.shape)} and {list(v.shape)}")
+    V.last_dim_contiguous("k", k)
+    V.last_dim_contiguous("v", v)
+    if k_cache.dtype not in V.FP8_DTYPES and k.dtype != k_cache.dtype:
+        raise TypeError(f"k/v must have the cache's dtype {k_cache.dtype}, got {k.dtype}")
+    if tuple(k.shape[-2:]) != tuple(k_cache.shape[-2:]):
+        raise ValueError(f"k/v rows must be [Hkv, D] = {list(k_cache.shape[-2:])} like the cache, got {list(k.shape[-2:])}")
+
+
+def append_kv(k, v, k_cache, v_cache, cache_seqlens, *, block_table=None, k_scale=None, v_scale=None,
+              backend=None) -> None:
+    """Write new keys/values into the cache in place.
+
+    k/v [B, S_new, Hkv, D]: token i of sequence b goes to position cache_seqlens[b] + i (through
+    block_table when paged). cache_seqlens is not modified. fp8 caches store saturate(value / scale).
+    Nothing outside the written slots changes, bit for bit.
+    """
+    if not isinstance(k_cache, torch.Tensor):
+        raise TypeError(f"k_cache must be a torch.Tensor, got {type(k_cache).__name__}")
+    device = k_cache.device
+    V.cache_pair(k_cache, v_cache, device)
+    _append_sources(k, v, k_cache, device, rank=4)
+    B, s_new = k.shape[:2]
+    hkv = k_cache.shape[2]
+    V.cache_seqlens(cache_seqlens, B, device)
+    if block_table is not None:
+        V.block_table(block_table, B, device)
+    elif k_cache.shape[0] != B:
+        raise ValueError(f"contiguous k_cache/v_cache must have shape [B={B}, S_max, Hkv, D], got {list(k_cache.shape)} "
+                         f"(pass block_table for a paged cache)")
+    k_scale, v_scale = V.fp8_scales(k_scale, v_scale, k_cache.dtype, hkv, device)
+    if V.values_checkable(cache_seqlens, block_table):
+        capacity, what = _cache_capacity(k_cache, block_table)
+        V.seqlen_values(cache_seqlens, s_new, capacity, what)
+        if block_table is not None:
+            V.block_table_values(block_table, cache_seqlens, s_new, k_cache.shape[1], k_cache.shape[0])
+
+    backend = resolve_backend("append", backend, device, k=k, k_cache=k_cache, paged=block_table is not None)
+    torch.ops.kvkernels.append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, backend)
+
+
+def append_kv_slots(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None, backend=None) -> None:
+    """Write token t at slot slot_mapping[t], in place (vLLM's reshape_and_cache).
+
+    k/v [T, Hkv, D]; slot_mapping int32/int64 [T]; slot s -> page s // page_size, row s % page_size of a
+    [num_pages, page_size, Hkv, D] cache (a contiguous [B, S_max, Hkv, D] cache is addressed as its
+    flattened B * S_max rows). Negative slots are skipped.
+    """
+    if not isinstance(k_cache, torch.Tensor):
+        raise TypeError(f"k_cache must be a torch.Tensor, got {type(k_cache).__name__}")
+    device = k_cache.device
+    V.cache_pair(k_cache, v_cache, device)
+    _append_sources(k, v, k_cache, device, rank=3)
+    V.tensor("slot_mapping", slot_mapping, rank=1, dtypes=(torch.int32, torch.int64), device=device)
+    V.shape("slot_mapping", slot_mapping, (k.shape[0],), "one slot per token")
+    k_scale, v_scale = V.fp8_scales(k_scale, v_scale, k_cache.dtype, k_cache.shape[2], device)
+    if V.values_checkable(slot_mapping) and slot_mapping.numel():
+        rows = k_cache.shape[0] * k_cache.shape[1]
+        hi = int(slot_mapping.max())
+        if hi >= rows:
+            raise ValueError(f"slot_mapping.max() = {hi} is past the cache's {rows} slots (pages * page_size)")
+        kept = slot_mapping[slot_mapping >= 0]
+        if kept.numel() != torch.unique(kept).numel():
+            raise ValueError("slot_mapping writes the same slot twice (the result would be undefined)")
+
+    backend = resolve_backend("append_slots", backend, device, k=k, k_cache=k_cache, paged=True)
+    torch.ops.kvkernels.append_kv_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, backend)
+
+
+def merge_attention_states(out_a, lse_a, out_b, lse_b):
+    """Combine attention results over two disjoint key sets (split-KV, shared prefix + suffix).
+
+    out_* [..., H, D], lse_* [..., H] fp32 natural log -> (out [..., H, D] in out_a's dtype, lse fp32).
+    A side with lse -inf is empty; both empty gives out 0 and lse -inf.
+    """
+    V.tensor("out_a", out_a, rank=tuple(range(2, 6)), dtypes=V.FLOAT_DTYPES)
+    device = out_a.device
+    V.tensor("out_b", out_b, rank=out_a.dim(), dtypes=V.FLOAT_DTYPES, device=device)
+    V.tensor("lse_a", lse_a, rank=out_a.dim() - 1, dtypes=(torch.float32, torch.float64), device=device)
+    V.tensor("lse_b", lse_b, rank=out_a.dim() - 1, dtypes=(torch.float32, torch.float64), device=device)
+    if out_a.shape != out_b.shape:
+        raise ValueError(f"out_a and out_b must have the same shape, got {list(out_a.shape)} and {list(out_b.shape)}")
+    for name, lse in (("lse_a", lse_a), ("lse_b", lse_b)):
+        if lse.shape != out_a.shape[:-1]:
+            raise ValueError(f"{name} must have shape {list(out_a.shape[:-1])} (out's shape without D), "
+                             f"got {list(lse.shape)}")
+    from . import reference
+    return reference.merge_attention_states(out_a, lse_a, out_b, lse_b)

@@ -1,0 +1,177 @@
+"""Argument checks shared by the public ops. Every check runs before anything is launched or
+written, and raises TypeError (wrong type or dtype) or ValueError (anything else) naming the
+argument and what was expected.
+
+Two kinds of check:
+  * metadata (type, dtype, device, rank, shape, strides): always, free.
+  * values of index tensors (cache_seqlens, block_table, slot_mapping, cu_seqlens): they live on
+    the device, and reading them costs a synchronisation. They are checked when the tensors are on
+    the CPU, or when checked mode is on (KVKERNELS_CHECK=1 / kvkernels.set_checked_mode()), and
+    never while torch.compile traces. Unchecked, the kernels still never read or write outside the
+    tensors: out-of-range positions and pages are skipped.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import config
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FP8_DTYPES = (torch.float8_e4m3fn,)
+INDEX_DTYPES = (torch.int32,)
+MAX_HEAD_DIM = 256
+
+
+def _is_compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - old torch
+        return False
+
+
+def values_checkable(*tensors: torch.Tensor | None) -> bool:
+    """True when index values may be read now: all on the CPU, or checked mode; never while tracing."""
+    if _is_compiling():
+        return False
+    present = [t for t in tensors if t is not None]
+    if not present:
+        return False
+    return config.checked_mode() or all(t.device.type == "cpu" for t in present)
+
+
+def tensor(name: str, x, *, rank: int | tuple[int, ...], dtypes=None, device=None) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    ranks = (rank,) if isinstance(rank, int) else rank
+    if x.dim() not in ranks:
+        want = " or ".join(str(r) for r in ranks)
+        raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(x.shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {str(x.dtype).replace('torch.', '')}")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name} is on {x.device}, expected {device} (all tensors on one device)")
+    return x
+
+
+def optional_tensor(name: str, x, **kw) -> torch.Tensor | None:
+    return None if x is None else tensor(name, x, **kw)
+
+
+def shape(name: str, x: torch.Tensor, expected: tuple, meaning: str) -> None:
+    """expected: ints, or None for 'any size'."""
+    ok = x.dim() == len(expected) and all(e is None or e == s for e, s in zip(expected, x.shape))
+    if not ok:
+        want = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
+        raise ValueError(f"{name} must have shape {want} ({meaning}), got {list(x.shape)}")
+
+
+def last_dim_contiguous(name: str, x: torch.Tensor) -> None:
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension (stride 1), "
+                         f"got strides {tuple(x.stride())}; call .contiguous() first")
+
+
+def head_dim(name: str, d: int) -> None:
+    if d < 1 or d > MAX_HEAD_DIM:
+        raise ValueError(f"{name}: head dim {d} is not supported (1..{MAX_HEAD_DIM})")
+
+
+def heads(hq: int, hkv: int, q_name: str = "q", kv_name: str = "k") -> None:
+    if hkv < 1 or hq % hkv != 0:
+        raise ValueError(f"{q_name} has {hq} heads, {kv_name} has {hkv}: the query heads must be "
+                         f"a whole multiple of the key/value heads (Hq % Hkv == 0)")
+
+
+def scalar(name: str, value, *, kind=float, minimum=None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise TypeError(f"{name} must be {'a number' if kind is float else 'an int'}, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def cache_pair(k_cache, v_cache, device) -> tuple[torch.Tensor, torch.Tensor]:
+    tensor("k_cache", k_cache, rank=4, dtypes=FLOAT_DTYPES + FP8_DTYPES, device=device)
+    tensor("v_cache", v_cache, rank=4, dtypes=FLOAT_DTYPES + FP8_DTYPES, device=device)
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {list(k_cache.shape)} "
+                         f"and {list(v_cache.shape)}")
+    if k_cache.dtype != v_cache.dtype:
+        raise TypeError(f"k_cache and v_cache must have the same dtype, got {k_cache.dtype} and {v_cache.dtype}")
+    last_dim_contiguous("k_cache", k_cache)
+    last_dim_contiguous("v_cache", v_cache)
+    return k_cache, v_cache
+
+
+def fp8_scales(k_scale, v_scale, cache_dtype, hkv: int, device):
+    """Normalise scales: fp32 [Hkv] views (stride 0 for a per-tensor scale) for fp8 caches."""
+    if cache_dtype not in FP8_DTYPES:
+        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if s is not None:
+                raise ValueError(f"{name} is only used with a float8_e4m3fn cache; the cache is {cache_dtype}")
+        return None, None
+    out = []
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if s is None:
+            s = torch.ones((), dtype=torch.float32, device=device)
+        tensor(name, s, rank=(0, 1), dtypes=(torch.float32,), device=device)
+        if s.dim() == 1 and s.shape[0] not in (1, hkv):
+            raise ValueError(f"{name} must have shape [] or [{hkv}] (per tensor or per KV head), got {list(s.shape)}")
+        out.append(s.reshape(-1).expand(hkv))
+    return out[0], out[1]
+
+
+def block_table(bt, batch: int, device) -> torch.Tensor:
+    tensor("block_table", bt, rank=2, dtypes=INDEX_DTYPES, device=device)
+    shape("block_table", bt, (batch, None), "batch, max_pages")
+    return bt
+
+
+def cache_seqlens(seqlens, batch: int, device) -> torch.Tensor:
+    tensor("cache_seqlens", seqlens, rank=1, dtypes=INDEX_DTYPES, device=device)
+    shape("cache_seqlens", seqlens, (batch,), "one length per sequence")
+    return seqlens
+
+
+def seqlen_values(seqlens: torch.Tensor, extra: int, capacity: int, what: str) -> None:
+    """Every cache_seqlens[b] + extra within [0, capacity]."""
+    if seqlens.numel() == 0:
+        return
+    lo, hi = int(seqlens.min()), int(seqlens.max())
+    if lo < 0:
+        raise ValueError(f"cache_seqlens must be >= 0, got {lo}")
+    if hi + extra > capacity:
+        if extra:
+            raise ValueError(f"append of {extra} tokens would run past the cache's capacity: "
+                             f"cache_seqlens.max() = {hi}, capacity {capacity} {what}")
+        raise ValueError(f"cache_seqlens.max() = {hi} exceeds the cache's capacity {capacity} {what}")
+
+
+def block_table_values(bt: torch.Tensor, seqlens: torch.Tensor, extra: int, page_size: int,
+                       num_pages: int) -> None:
+    """Entries for the pages positions [0, seqlens[b] + extra) touch must be valid page indices."""
+    if bt.numel() == 0:
+        return
+    needed = (seqlens.to(torch.int64) + extra + page_size - 1) // page_size  # [B]
+    cols = torch.arange(bt.shape[1], device=bt.device).unsqueeze(0)
+    used = cols < needed.unsqueeze(1)
+    bad = used & ((bt < 0) | (bt >= num_pages))
+    if bool(bad.any()):
+        b, p = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"block_table[{b}, {p}] = {int(bt[b, p])} is not a page index in [0, {num_pages}) "
+                         f"(needed by sequence {b} of length {int(seqlens[b]) + extra})")
+
+
+def cu_seqlens(name: str, cu: torch.Tensor, total: int, device) -> None:
+    tensor(name, cu, rank=1, dtypes=INDEX_DTYPES, device=device)
+    if cu.shape[0] < 1:
+        raise ValueError(f"{name} must have shape [batch + 1], got {list(cu.shape)}")
+    if values_checkable(cu):
+        vals = cu.to(torch.int64)
+        if int(vals[0]) != 0:
+            raise ValueError(f"{name}[0] must be 0, got {int(vals[0])}")
+        if bool((vals[1:] < vals[:-1]).any()):
+            raise ValueError(f"{name} must be non-decreasing, got {vals.tolist()[:16]}")
+        if int(vals[-1]) != total:
+            raise ValueError(f"{name}[-1] = {int(vals[-1])} must equal the total number of tokens {total}")
