@@ -199,14 +199,16 @@ def append_kv_slots(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_sca
 def merge_attention_states(out_a, lse_a, out_b, lse_b):
     """Combine attention over two disjoint key sets.
 
-    out_* [..., H, D], lse_* [..., H] (natural log) -> (out [..., H, D] in out_a's dtype, lse fp32).
+    out_* [..., H, D], lse_* [..., H] (natural log) -> (out [..., H, D] in out_a's dtype, lse fp32;
+    fp64 when the inputs are fp64).
     An empty side has lse -inf; both empty gives out 0, lse -inf.
     """
-    la, lb = lse_a.to(torch.float32), lse_b.to(torch.float32)
+    md = _math_dtype(out_a, out_b, lse_a, lse_b)
+    la, lb = lse_a.to(md), lse_b.to(md)
     lse = torch.logaddexp(la, lb)
     finite = torch.isfinite(lse)
     safe = torch.where(finite, lse, torch.zeros_like(lse))
     wa = torch.where(finite, torch.exp(la - safe), torch.zeros_like(lse)).unsqueeze(-1)
     wb = torch.where(finite, torch.exp(lb - safe), torch.zeros_like(lse)).unsqueeze(-1)
-    out = wa * out_a.to(torch.float32) + wb * out_b.to(torch.float32)
-    return out.to(out_a.dtype), lse
+    out = wa * out_a.to(md) + wb * out_b.to(md)
+    return out.to(out_a.dtype), lse.to(torch.float32 if md == torch.float32 else md)

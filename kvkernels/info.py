@@ -1,0 +1,109 @@
+"""`kvkernels info`: versions, GPU, usable backends, and how the CUDA extension was built."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+
+import torch
+
+
+def build_info() -> dict | None:
+    """What setup.py recorded when it built kvkernels._C (archs, nvcc, torch), or None."""
+    path = os.path.join(os.path.dirname(__file__), "_build_info.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def extension_archs() -> list[str]:
+    """SASS architectures actually inside the built extension (from its fatbinary)."""
+    from .cuda import available
+    if not available():
+        return []
+    import kvkernels._C as ext
+    try:
+        with open(ext.__file__, "rb") as f:
+            data = f.read()
+    except OSError:
+        return []
+    import re
+    found = sorted({m.decode() for m in re.findall(rb"sm_\d+a?", data)})
+    return found
+
+
+def collect() -> dict:
+    from . import config
+    from .api import get_backend
+    from .cuda import unavailable_reason
+
+    info = {
+        "kvkernels": __import__("kvkernels").__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": None,
+        "gpu": None,
+        "backends": {},
+        "extension": {"built": unavailable_reason() is None, "reason": unavailable_reason(),
+                      "build": build_info(), "archs_in_binary": extension_archs()},
+        "env": {k: os.environ[k] for k in ("KVKERNELS_BACKEND", "KVKERNELS_CHECK", "KVKERNELS_BATCH_INVARIANT",
+                                           "TRITON_INTERPRET") if k in os.environ},
+        "modes": {"checked": config.checked_mode(), "batch_invariant": config.batch_invariant()},
+    }
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = {"name": props.name, "capability": f"{props.major}.{props.minor}",
+                       "sms": props.multi_processor_count, "memory_gib": round(props.total_memory / 2**30, 1)}
+    for name in config.BACKENDS:
+        try:
+            get_backend(name)
+            usable = True
+            note = ""
+        except (RuntimeError, ImportError) as e:
+            usable, note = False, str(e)
+        if name == "triton" and usable and not torch.cuda.is_available():
+            note = "interpreter only (TRITON_INTERPRET=1): correct but slow, for tests"
+        if name == "cuda" and usable and not torch.cuda.is_available():
+            usable, note = False, "built, but no CUDA device to launch on"
+        info["backends"][name] = {"usable": usable, "note": note}
+    return info
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def run(args) -> int:
+    info = collect()
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"kvkernels {info['kvkernels']}  python {info['python']}  torch {info['torch']} "
+          f"(CUDA {info['torch_cuda']})  triton {info['triton']}")
+    gpu = info["gpu"]
+    print("GPU: " + (f"{gpu['name']} (sm_{gpu['capability'].replace('.', '')}, {gpu['sms']} SMs, "
+                     f"{gpu['memory_gib']} GiB)" if gpu else "none (CPU: reference backend, Triton interpreter)"))
+    ext = info["extension"]
+    if ext["built"]:
+        b = ext["build"] or {}
+        print(f"CUDA extension: built for TORCH_CUDA_ARCH_LIST={b.get('archs', '?')} "
+              f"(SASS in binary: {', '.join(ext['archs_in_binary']) or '?'}; {b.get('nvcc', '?')})")
+    else:
+        print(f"CUDA extension: not built ({ext['reason']})")
+    print("backends:")
+    for name, b in info["backends"].items():
+        print(f"  {name:<10} {'usable' if b['usable'] else 'unusable':<9} {b['note']}")
+    auto = "cuda > triton on CUDA tensors" if torch.cuda.is_available() else "reference on CPU tensors"
+    print(f"auto choice: {os.environ.get('KVKERNELS_BACKEND') or auto}")
+    if info["env"]:
+        print("environment: " + "  ".join(f"{k}={v}" for k, v in info["env"].items()))
+    return 0
