@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.14.1
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n auto
 STAMP  := $(VENV)/.kvkernels-installed
 
 .PHONY: all install build test test-gpu demo info gpu-check bench clean

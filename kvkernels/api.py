@@ -280,12 +280,6 @@ def prefill_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens_q
     return (out, lse) if return_lse else out
 
 
-def _cache_capacity(k_cache, block_table) -> tuple[int, str]:
-    if block_table is None:
-        return k_cache.shape[1], "(S_max of the contiguous cache)"
-    return block_table.shape[1] * k_cache.shape[1], "(max_pages * page_size of the paged cache)"
-
-
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, softmax_scale=None, window_left=-1,
                      softcap=0.0, k_scale=None, v_scale=None, num_splits=0, return_lse=False, backend=None):
     """One query token per sequence against its KV cache.
@@ -322,11 +316,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, so
     scale = _default_scale(softmax_scale, d)
     softcap = _softcap(softcap)
     k_scale, v_scale = V.fp8_scales(k_scale, v_scale, k_cache.dtype, hkv, device)
-    if V.values_checkable(cache_seqlens, block_table):
-        capacity, what = _cache_capacity(k_cache, block_table)
-        V.seqlen_values(cache_seqlens, 0, capacity, what)
-        if block_table is not None:
-            V.block_table_values(block_table, cache_seqlens, 0, k_cache.shape[1], k_cache.shape[0])
+    V.cache_index_values(k_cache, cache_seqlens, block_table, extra=0)
 
     backend = resolve_backend("decode", backend, device, q=q, k_cache=k_cache, paged=block_table is not None,
                               window_left=window_left, softcap=softcap)
@@ -371,11 +361,7 @@ def append_kv(k, v, k_cache, v_cache, cache_seqlens, *, block_table=None, k_scal
         raise ValueError(f"contiguous k_cache/v_cache must have shape [B={B}, S_max, Hkv, D], got {list(k_cache.shape)} "
                          f"(pass block_table for a paged cache)")
     k_scale, v_scale = V.fp8_scales(k_scale, v_scale, k_cache.dtype, hkv, device)
-    if V.values_checkable(cache_seqlens, block_table):
-        capacity, what = _cache_capacity(k_cache, block_table)
-        V.seqlen_values(cache_seqlens, s_new, capacity, what)
-        if block_table is not None:
-            V.block_table_values(block_table, cache_seqlens, s_new, k_cache.shape[1], k_cache.shape[0])
+    V.cache_index_values(k_cache, cache_seqlens, block_table, extra=s_new)
 
     backend = resolve_backend("append", backend, device, k=k, k_cache=k_cache, paged=block_table is not None)
     torch.ops.kvkernels.append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, backend)
@@ -397,11 +383,12 @@ def append_kv_slots(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_sca
     V.shape("slot_mapping", slot_mapping, (k.shape[0],), "one slot per token")
     k_scale, v_scale = V.fp8_scales(k_scale, v_scale, k_cache.dtype, k_cache.shape[2], device)
     if V.values_checkable(slot_mapping) and slot_mapping.numel():
+        slot_mapping_host = V.host_copies(slot_mapping)[0]
         rows = k_cache.shape[0] * k_cache.shape[1]
-        hi = int(slot_mapping.max())
+        hi = int(slot_mapping_host.max())
         if hi >= rows:
             raise ValueError(f"slot_mapping.max() = {hi} is past the cache's {rows} slots (pages * page_size)")
-        kept = slot_mapping[slot_mapping >= 0]
+        kept = slot_mapping_host[slot_mapping_host >= 0]
         if kept.numel() != torch.unique(kept).numel():
             raise ValueError("slot_mapping writes the same slot twice (the result would be undefined)")
 

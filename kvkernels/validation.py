@@ -134,6 +134,29 @@ def cache_seqlens(seqlens, batch: int, device) -> torch.Tensor:
     return seqlens
 
 
+def host_copies(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """CPU copies of index tensors for value checks: one device synchronisation in all."""
+    on_device = [t for t in tensors if t is not None and t.device.type != "cpu"]
+    if not on_device:
+        return list(tensors)
+    copies = [None if t is None else t.to("cpu", non_blocking=True) for t in tensors]
+    torch.cuda.current_stream(on_device[0].device).synchronize()
+    return copies
+
+
+def cache_index_values(k_cache: torch.Tensor, seqlens: torch.Tensor, bt: torch.Tensor | None, extra: int) -> None:
+    """Lengths (+ extra appended tokens) within the cache's capacity, and the block-table entries
+    they need valid pages. A no-op unless values_checkable()."""
+    if not values_checkable(seqlens, bt):
+        return
+    seqlens, bt = host_copies(seqlens, bt)
+    if bt is None:
+        seqlen_values(seqlens, extra, k_cache.shape[1], "(S_max of the contiguous cache)")
+    else:
+        seqlen_values(seqlens, extra, bt.shape[1] * k_cache.shape[1], "(max_pages * page_size of the paged cache)")
+        block_table_values(bt, seqlens, extra, k_cache.shape[1], k_cache.shape[0])
+
+
 def seqlen_values(seqlens: torch.Tensor, extra: int, capacity: int, what: str) -> None:
     """Every cache_seqlens[b] + extra within [0, capacity]."""
     if seqlens.numel() == 0:
@@ -168,7 +191,7 @@ def cu_seqlens(name: str, cu: torch.Tensor, total: int, device) -> None:
     if cu.shape[0] < 1:
         raise ValueError(f"{name} must have shape [batch + 1], got {list(cu.shape)}")
     if values_checkable(cu):
-        vals = cu.to(torch.int64)
+        vals = host_copies(cu)[0].to(torch.int64)
         if int(vals[0]) != 0:
             raise ValueError(f"{name}[0] must be 0, got {int(vals[0])}")
         if bool((vals[1:] < vals[:-1]).any()):
