@@ -14,12 +14,12 @@ configuration, else "triton"; CPU tensors get "reference". KVKERNELS_BACKEND ove
 Every backend module exposes the same normalised entry points (arguments validated, defaults
 resolved, causal folded into the window):
 
-  prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-          softmax_scale, window_left, window_right, softcap) -> (out, lse)
-  decode(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_left, softcap,
-         k_scale, v_scale, num_splits, batch_invariant) -> (out, lse)
-  append(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale) -> None
-  append_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None
+  prefill_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                    softmax_scale, window_left, window_right, softcap) -> (out, lse)
+  decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_left, softcap,
+                   k_scale, v_scale, num_splits, batch_invariant) -> (out, lse)
+  append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale) -> None
+  append_kv_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None
   unsupported(op, **normalised args) -> str | None     # why this backend cannot run it
 """
 
@@ -47,13 +47,13 @@ class _ReferenceBackend:
         return None
 
     @staticmethod
-    def prefill(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_left, window_right, softcap):
+    def prefill_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_left, window_right, softcap):
         from . import reference
         return reference.prefill_attention(q, k, v, softmax_scale=scale, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                                            window_size=(window_left, window_right), softcap=softcap)
 
     @staticmethod
-    def decode(q, k_cache, v_cache, seqlens, block_table, scale, window_left, softcap, k_scale, v_scale,
+    def decode_attention(q, k_cache, v_cache, seqlens, block_table, scale, window_left, softcap, k_scale, v_scale,
                num_splits, batch_invariant):
         from . import reference
         out, lse = reference.decode_attention(q, k_cache, v_cache, seqlens, block_table=block_table,
@@ -62,13 +62,13 @@ class _ReferenceBackend:
         return out, lse.to(torch.float32)
 
     @staticmethod
-    def append(k, v, k_cache, v_cache, seqlens, block_table, k_scale, v_scale):
+    def append_kv(k, v, k_cache, v_cache, seqlens, block_table, k_scale, v_scale):
         from . import reference
         reference.append_kv(k, v, k_cache, v_cache, seqlens, block_table=block_table,
                             k_scale=k_scale, v_scale=v_scale)
 
     @staticmethod
-    def append_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
+    def append_kv_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
         from . import reference
         reference.append_kv_slots(k, v, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale)
 
@@ -137,7 +137,7 @@ def _prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q:
                 cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int,
                 softmax_scale: float, window_left: int, window_right: int, softcap: float,
                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = get_backend(backend).prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+    out, lse = get_backend(backend).prefill_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                             softmax_scale, window_left, window_right, softcap)
     return out, lse.to(torch.float32)
 
@@ -157,7 +157,7 @@ def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
                block_table: Optional[torch.Tensor], softmax_scale: float, window_left: int, softcap: float,
                k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor], num_splits: int,
                batch_invariant: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = get_backend(backend).decode(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale,
+    out, lse = get_backend(backend).decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale,
                                            window_left, softcap, k_scale, v_scale, num_splits, batch_invariant)
     return out, lse.to(torch.float32)
 
@@ -172,7 +172,7 @@ def _(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_lef
 def _append_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor], k_scale: Optional[torch.Tensor],
                v_scale: Optional[torch.Tensor], backend: str) -> None:
-    get_backend(backend).append(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale)
+    get_backend(backend).append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale)
 
 
 @_append_op.register_fake
@@ -184,7 +184,7 @@ def _(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, back
 def _append_slots_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      slot_mapping: torch.Tensor, k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor],
                      backend: str) -> None:
-    get_backend(backend).append_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    get_backend(backend).append_kv_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 @_append_slots_op.register_fake

@@ -6,6 +6,7 @@ append.py, decode.py, prefill.py. Entry points follow the normalised signatures 
 from __future__ import annotations
 
 import functools
+import importlib
 
 import torch
 
@@ -32,17 +33,13 @@ def has_op(name: str) -> bool:
     return available() and hasattr(torch.ops.kvkernels_C, name)
 
 
+_SUBMODULES = {"append": "append", "append_slots": "append", "decode": "decode", "prefill": "prefill"}
+
+
 def _submodule(op: str):
-    if op in ("append", "append_slots"):
-        from . import append
-        return append
-    if op == "decode":
-        from . import decode
-        return decode
-    if op == "prefill":
-        from . import prefill
-        return prefill
-    raise ValueError(op)
+    if op not in _SUBMODULES:
+        raise ValueError(op)
+    return importlib.import_module(f"{__name__}.{_SUBMODULES[op]}")
 
 
 def unsupported(op: str, **kw) -> str | None:
@@ -56,21 +53,22 @@ def unsupported(op: str, **kw) -> str | None:
     return module.unsupported(op, **kw)
 
 
-def prefill(*args):
-    from . import prefill as _prefill
-    return _prefill.prefill(*args)
+# Entry points carry the public ops' names, distinct from the submodules' names (prefill, decode,
+# append), which importing a submodule binds as attributes of this package.
 
 
-def decode(*args):
-    from . import decode as _decode
-    return _decode.decode(*args)
+def prefill_attention(*args):
+    return _submodule("prefill").prefill(*args)
 
 
-def append(*args):
-    from . import append as _append
-    return _append.append(*args)
+def decode_attention(*args):
+    return _submodule("decode").decode(*args)
 
 
-def append_slots(*args):
-    from . import append as _append
-    return _append.append_slots(*args)
+def append_kv(*args):
+    return _submodule("append").append(*args)
+
+
+def append_kv_slots(*args):
+    return _submodule("append_slots").append_slots(*args)
+

@@ -8,6 +8,7 @@ defined; that is how the CPU test suite runs these kernels on CPU tensors.
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
@@ -37,34 +38,31 @@ def unsupported(op: str, **kw) -> str | None:
     return module.unsupported(op, **kw)
 
 
+_SUBMODULES = {"append": "append", "append_slots": "append", "decode": "decode", "prefill": "prefill"}
+
+
 def _submodule(op: str):
-    if op in ("append", "append_slots"):
-        from . import append
-        return append
-    if op == "decode":
-        from . import decode
-        return decode
-    if op == "prefill":
-        from . import prefill
-        return prefill
-    raise ValueError(op)
+    if op not in _SUBMODULES:
+        raise ValueError(op)
+    return importlib.import_module(f"{__name__}.{_SUBMODULES[op]}")
 
 
-def prefill(*args):
-    from .prefill import prefill as run
-    return run(*args)
+# Entry points carry the public ops' names, distinct from the submodules' names (prefill, decode,
+# append), which importing a submodule binds as attributes of this package.
 
 
-def decode(*args):
-    from .decode import decode as run
-    return run(*args)
+def prefill_attention(*args):
+    return _submodule("prefill").prefill(*args)
 
 
-def append(*args):
-    from .append import append as run
-    return run(*args)
+def decode_attention(*args):
+    return _submodule("decode").decode(*args)
 
 
-def append_slots(*args):
-    from .append import append_slots as run
-    return run(*args)
+def append_kv(*args):
+    return _submodule("append").append(*args)
+
+
+def append_kv_slots(*args):
+    return _submodule("append_slots").append_slots(*args)
+
