@@ -18,6 +18,8 @@ import kvkernels.triton  # (sets TRITON_INTERPRET=1 before any kernel is defined
 from kvkernels import reference
 
 HAS_CUDA = torch.cuda.is_available()
+# Where backend="triton" runs in this process: CPU tensors under the interpreter, else the GPU.
+TRITON_DEVICE = "cpu" if kvkernels.triton.INTERPRET else "cuda"
 AWKWARD_LENGTHS = (1, 17, 113, 511)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -43,7 +45,7 @@ def pytest_collection_modifyitems(config, items):
 def assert_parity(out, ref, ref_lp, *, floor: float = 1e-5, what: str = "out"):
     """The FlashAttention criterion: out's error vs the fp32 oracle is at most twice the error of
     the same math done naively in low precision (plus a small floor). NaN anywhere fails."""
-    out32, ref32, lp32 = out.double(), ref.double(), ref_lp.double()
+    out32, ref32, lp32 = (t.detach().double().cpu() for t in (out, ref, ref_lp))
     assert not torch.isnan(out32).any(), f"{what} has NaN"
     err = (out32 - ref32).abs().max().item() if out.numel() else 0.0
     lp_err = (lp32 - ref32).abs().max().item() if out.numel() else 0.0
@@ -139,4 +141,4 @@ def gen():
 
 __all__ = ["assert_parity", "assert_lse_close", "randn", "seeded", "poison_contiguous", "build_paged",
            "lengths_tensor", "devices", "kernel_backends", "reference", "AWKWARD_LENGTHS", "LOW_PRECISION",
-           "HAS_CUDA"]
+           "HAS_CUDA", "TRITON_DEVICE"]
