@@ -4,7 +4,8 @@
 #
 #   1. build the CUDA extension from source (setup.py build_ext --inplace)
 #   2. the full pytest suite, GPU tests included
-#   3. compute-sanitizer memcheck and racecheck over bench/sanitize_ops.py (every op, every backend)
+#   3. compute-sanitizer memcheck and racecheck (SANITIZERS=... adds initcheck, synccheck) over
+#      bench/sanitize_ops.py (every op, every backend)
 #   4. ceilings (copy GB/s, bf16 matmul TFLOP/s) and the decode / prefill / append / generate benchmarks
 #   5. bench/results/<YYYY-MM-DD>-<gpu-slug>.json + .md + PNGs, and a short summary printed last
 #
@@ -152,7 +153,8 @@ echo '{}' > "$SAN_JSON"
 if [ "$SKIP_SAN" = 0 ]; then
   SAN=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
   entries=()
-  for tool in memcheck racecheck; do
+  # memcheck and racecheck always; SANITIZERS="memcheck racecheck initcheck synccheck" adds the others
+  for tool in ${SANITIZERS:-memcheck racecheck}; do
     banner "compute-sanitizer --tool $tool"
     T=$(cap 60 170); t0=$SECONDS
     if [ "$T" -gt 0 ] && [ -x "$SAN" ]; then
