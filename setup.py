@@ -68,8 +68,10 @@ def _cuda_extension():
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     sources = sorted(glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/launch/*.cu"))
+    # No -std: torch's BuildExtension adds the standard its headers need (C++20 for torch 2.14;
+    # an explicit -std=c++17 breaks the torch glue, and nvcc refuses two -std flags).
     nvcc_flags = [
-        "-O3", "-std=c++17", "-lineinfo",
+        "-O3", "-lineinfo",
         "--expt-relaxed-constexpr",
         # No --use_fast_math: fp8 quantization divides with IEEE rounding to match the reference
         # bit for bit; kernels that want fast exp use exp2f/ex2.approx explicitly.
@@ -81,7 +83,7 @@ def _cuda_extension():
         name="kvkernels._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
     )
     _write_build_info(cuda_home)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

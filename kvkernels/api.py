@@ -318,8 +318,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, so
     k_scale, v_scale = V.fp8_scales(k_scale, v_scale, k_cache.dtype, hkv, device)
     V.cache_index_values(k_cache, cache_seqlens, block_table, extra=0)
 
-    backend = resolve_backend("decode", backend, device, q=q, k_cache=k_cache, paged=block_table is not None,
-                              window_left=window_left, softcap=softcap)
+    backend = resolve_backend("decode", backend, device, q=q, k_cache=k_cache, v_cache=v_cache,
+                              paged=block_table is not None, window_left=window_left, softcap=softcap)
     out, lse = torch.ops.kvkernels.decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, scale,
                                                     window_left, softcap, k_scale, v_scale, num_splits,
                                                     config.batch_invariant(), backend)
@@ -363,7 +363,8 @@ def append_kv(k, v, k_cache, v_cache, cache_seqlens, *, block_table=None, k_scal
     k_scale, v_scale = V.fp8_scales(k_scale, v_scale, k_cache.dtype, hkv, device)
     V.cache_index_values(k_cache, cache_seqlens, block_table, extra=s_new)
 
-    backend = resolve_backend("append", backend, device, k=k, k_cache=k_cache, paged=block_table is not None)
+    backend = resolve_backend("append", backend, device, k=k, v=v, k_cache=k_cache, v_cache=v_cache,
+                              paged=block_table is not None)
     torch.ops.kvkernels.append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, backend)
 
 
@@ -392,7 +393,8 @@ def append_kv_slots(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_sca
         if kept.numel() != torch.unique(kept).numel():
             raise ValueError("slot_mapping writes the same slot twice (the result would be undefined)")
 
-    backend = resolve_backend("append_slots", backend, device, k=k, k_cache=k_cache, paged=True)
+    backend = resolve_backend("append_slots", backend, device, k=k, v=v, k_cache=k_cache, v_cache=v_cache,
+                              paged=True)
     torch.ops.kvkernels.append_kv_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, backend)
 
 

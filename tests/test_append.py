@@ -273,6 +273,10 @@ def test_empty_appends_write_nothing(backend, device):
     kvkernels.append_kv(k, k, kc, kc, lengths_tensor([0, 3], device), backend=backend)
     kvkernels.append_kv_slots(k[0], k[0], kc, kc, torch.empty(0, dtype=torch.int64, device=device), backend=backend)
     assert torch.equal(bits(kc), bits(before))
+    # a cache of zero rows (page_size 0) and only skipped slots: nothing to address, nothing to divide by
+    no_rows = torch.empty(3, 0, 2, 64, dtype=torch.float16, device=device)
+    new = randn(2, 2, 64, device=device)
+    kvkernels.append_kv_slots(new, new, no_rows, no_rows, torch.tensor([-1, -2], device=device), backend=backend)
 
 
 @pytest.mark.parametrize("backend,device", kernel_backends())

@@ -379,7 +379,8 @@ def test_cuda_graph_replay_follows_new_lengths(backend):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out, lse = kvkernels.decode_attention(case.q, case.k_cache, case.v_cache, case.seqlens, **kw)
-    new = make_case((300, 3, 290), hq=8, hkv=2, page_size=16, capacity=320, device="cuda", seed=9)
+    # Same page counts (so the same cache shapes), new lengths, values, page order and queries.
+    new = make_case((300, 17, 5), hq=8, hkv=2, page_size=16, capacity=320, device="cuda", seed=9)
     case.q.copy_(new.q)
     case.seqlens.copy_(new.seqlens)
     case.k_cache.copy_(new.k_cache)

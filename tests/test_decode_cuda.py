@@ -9,6 +9,7 @@ span several MMA tiles and blocks.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import subprocess
@@ -83,20 +84,19 @@ def test_unsupported_declines_cpu_tensors():
 # ----------------------------------------------------------------------------- plan, workspace
 
 
-@pytest.mark.parametrize("d", [64, 128, 256])
-@pytest.mark.parametrize("batch,kv_heads,group", [(1, 1, 1), (1, 8, 8), (3, 2, 80), (64, 8, 4), (512, 32, 1)])
-@pytest.mark.parametrize("capacity,window_left", [(1, -1), (17, -1), (4096, -1), (131072, -1), (131072, 4095),
-                                                  (300, 1000), (0, -1)])
+@pytest.mark.parametrize("d", [64, 256])
 @pytest.mark.parametrize("num_splits", [0, 1, 3, 128])
-def test_plan_splits_cover_the_attended_positions_in_whole_tiles(d, batch, kv_heads, group, capacity, window_left,
-                                                                 num_splits):
-    p = cuda_decode.plan(batch, kv_heads, group, d, capacity, window_left, num_splits=num_splits)
-    attended = capacity if window_left < 0 else min(capacity, window_left + 1)
-    assert p.split_tokens % cuda_decode.tile_tokens(d) == 0
-    assert p.num_splits * p.split_tokens >= attended           # the glue refuses a plan that does not cover
-    assert (p.num_splits - 1) * p.split_tokens < max(attended, 1)  # no split starts past every sequence
-    if num_splits:
-        assert p.num_splits <= num_splits
+def test_plan_splits_cover_the_attended_positions_in_whole_tiles(d, num_splits):
+    shapes = [(1, 1, 1), (1, 8, 8), (3, 2, 80), (64, 8, 4), (512, 32, 1)]
+    caches = [(1, -1), (17, -1), (4096, -1), (131072, -1), (131072, 4095), (300, 1000), (0, -1)]
+    for (batch, kv_heads, group), (capacity, window_left) in itertools.product(shapes, caches):
+        p = cuda_decode.plan(batch, kv_heads, group, d, capacity, window_left, num_splits=num_splits)
+        attended = capacity if window_left < 0 else min(capacity, window_left + 1)
+        assert p.split_tokens % cuda_decode.tile_tokens(d) == 0
+        assert p.num_splits * p.split_tokens >= attended           # the glue refuses a plan that does not cover
+        assert (p.num_splits - 1) * p.split_tokens < max(attended, 1)  # no split starts past every sequence
+        if num_splits:
+            assert p.num_splits <= num_splits
 
 
 def test_plan_counts_the_window_not_the_cache():
@@ -185,10 +185,14 @@ static int check_div(uint32_t d) {
 
 int main(int argc, char** argv) {
   if (argc > 1 && !strcmp(argv[1], "fp8")) {
-    // code i in the low byte, 255 - i in the high byte: both lanes see every code
+    // code i in byte i % 4 of a word whose other bytes are other codes: every code in every lane
     for (int i = 0; i < 256; ++i) {
-      const uint32_t h = kvk::decode::e4m3x2_to_half2_bits(static_cast<uint16_t>(i | ((255 - i) << 8)));
-      printf("%d %u %u\n", i, h & 0xFFFFu, h >> 16);
+      uint32_t w = 0;
+      for (int k = 0; k < 4; ++k) w |= static_cast<uint32_t>((i + 97 * k) & 0xFF) << (8 * ((i + k) % 4));
+      uint32_t h[2];
+      kvk::decode::e4m3x4_to_half2x2(w, h[0], h[1]);
+      const int byte = i % 4;
+      printf("%d %u\n", i, (h[byte / 2] >> (16 * (byte % 2))) & 0xFFFFu);
     }
     return 0;
   }
@@ -229,18 +233,16 @@ def host_program(tmp_path_factory):
 
 
 def test_fp8_widening_matches_torch_for_every_code(host_program):
-    # The below-sm_89 path of e4m3x2_to_half2_bits (bit moves + one fp16 multiply), run on the host.
+    # The below-sm_89 arithmetic of e4m3x4_to_half2x2 (bit moves + one fp16 multiply), run on the host.
     rows = [tuple(int(x) for x in line.split()) for line in host_program("fp8").splitlines()]
-    assert len(rows) == 256
-    codes = torch.arange(256, dtype=torch.uint8)
-    expected = codes.view(FP8).to(torch.float16)
-    lo = torch.tensor([r[1] for r in rows], dtype=torch.int32).to(torch.int16).view(torch.float16)
-    hi = torch.tensor([r[2] for r in rows], dtype=torch.int32).to(torch.int16).view(torch.float16)
-    for got, want in ((lo, expected), (hi, expected.flip(0))):
-        nan = torch.isnan(want)
-        assert torch.equal(torch.isnan(got), nan)
-        assert torch.equal(got[~nan], want[~nan])
-        assert torch.equal(torch.signbit(got[~nan]), torch.signbit(want[~nan]))  # -0 stays -0
+    assert [r[0] for r in rows] == list(range(256))
+    want = torch.arange(256, dtype=torch.uint8).view(FP8).to(torch.float16)
+    got = torch.tensor([r[1] for r in rows], dtype=torch.int32).to(torch.int16).view(torch.float16)
+    nan = torch.isnan(want)
+    assert int(nan.sum()) == 2  # 0x7F and 0xFF
+    assert torch.equal(torch.isnan(got), nan)
+    assert torch.equal(got[~nan], want[~nan])
+    assert torch.equal(torch.signbit(got[~nan]), torch.signbit(want[~nan]))  # -0 stays -0
 
 
 def test_page_division_is_exact(host_program):

@@ -121,6 +121,14 @@ def test_large_magnitude_logits(backend, device, dtype, causal):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+def test_any_finite_softmax_scale(backend, device, scale):
+    # a zero scale gives uniform weights; a negative one reverses the order of the scores
+    q, k, v = _qkv(1, 17, 50, 2, 1, 64, torch.float16, seed=17)
+    _check(backend, device, q, k, v, causal=True, softmax_scale=scale)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [256, 80, 40])
 def test_other_head_dims(backend, device, dtype, d):

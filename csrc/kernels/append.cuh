@@ -1,0 +1,160 @@
+// Append kernels: write new keys and values into a KV cache in place (append_kv, append_kv_slots).
+//
+// Memory-bound and trivially parallel: one thread moves one 16-byte vector of the cache row of one
+// (token, head), for K and for V, so every store is a 128-bit STG and the two loads are in flight
+// together. Which row a token goes to is the only logic (AppendMode, launch/append.h); a position,
+// page or slot outside the cache is skipped, never accessed (the public API rejects them when it
+// can see the indices without a device sync; this is the guarantee when it cannot).
+//
+// fp8 e4m3 caches store saturate(value / scale[h]) rounded to nearest even, bit for bit what
+// kvkernels.reference.quantize computes: IEEE division (__fdiv_rn, whatever the compiler flags),
+// then the conversion of common/dtype.cuh.
+//
+// CUDA headers only: no torch.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "common/dtype.cuh"
+#include "common/vec.cuh"
+#include "launch/append.h"
+
+namespace kvk {
+
+// Src == Cache == uint8_t is the bit copy (any dtype, strides in bytes); otherwise Cache is fp8.
+template <typename Src, typename Cache>
+struct AppendTraits {
+  static constexpr bool kQuantize = !std::is_same<Src, Cache>::value;
+  static constexpr int kCacheElems = 16 / int(sizeof(Cache));   // cache elements per 16-byte store
+  static constexpr int kSrcElems = 16 / int(sizeof(Src));       // source elements per 16-byte load
+  static constexpr int kSrcLoads = kCacheElems / kSrcElems;     // 16-byte loads per store
+  static_assert(!kQuantize || std::is_same<Cache, __nv_fp8_e4m3>::value, "quantized caches are fp8 e4m3");
+  static_assert(kSrcLoads * kSrcElems == kCacheElems, "source element no narrower than the cache's");
+};
+
+// q = a / d, r = a % d for a >= 0, d > 0; 32-bit division when both fit (the common case: 64-bit
+// division is a long software sequence).
+__host__ __device__ __forceinline__ void divmod_nonneg(int64_t a, int64_t d, int64_t& q, int64_t& r) {
+  if (((a | d) >> 31) == 0) {
+    const uint32_t q32 = static_cast<uint32_t>(a) / static_cast<uint32_t>(d);
+    q = q32;
+    r = a - static_cast<int64_t>(q32) * d;
+  } else {
+    q = a / d;
+    r = a - q * d;
+  }
+}
+
+// The cache row (page, row) of token i of sequence b (slots: token b, i == 0); false = skip.
+template <AppendMode kMode, typename SlotT>
+__host__ __device__ __forceinline__ bool append_cache_row(const AppendParams& p, int32_t b, int32_t i, int64_t& page,
+                                                 int64_t& row) {
+  if constexpr (kMode == AppendMode::kSlots) {
+    const int64_t slot = static_cast<int64_t>(static_cast<const SlotT*>(p.slot_mapping)[b * p.slot_stride]);
+    if (slot < 0) return false;
+    divmod_nonneg(slot, p.page_size, page, row);
+    return page < p.num_pages;
+  } else {
+    const int64_t pos = static_cast<int64_t>(p.cache_seqlens[b * p.seqlens_stride]) + i;
+    if (pos < 0) return false;
+    if constexpr (kMode == AppendMode::kContiguous) {
+      page = b;
+      row = pos;
+      return b < p.num_pages && pos < p.page_size;
+    } else {
+      int64_t logical_page;
+      divmod_nonneg(pos, p.page_size, logical_page, row);
+      if (logical_page >= p.max_pages) return false;
+      page = p.block_table[b * p.bt_stride_b + logical_page * p.bt_stride_page];
+      return page >= 0 && page < p.num_pages;
+    }
+  }
+}
+
+// IEEE division, round to nearest even, whatever the compiler flags.
+__host__ __device__ __forceinline__ float div_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+// The 16-byte cache vector for kSrcLoads source vectors: a copy, or fp8 of value / scale.
+template <typename Src, typename Cache>
+__host__ __device__ __forceinline__ uint4 append_convert(const uint4 (&src)[AppendTraits<Src, Cache>::kSrcLoads],
+                                                float scale) {
+  using Tr = AppendTraits<Src, Cache>;
+  if constexpr (!Tr::kQuantize) {
+    return src[0];
+  } else {
+    float values[Tr::kCacheElems];
+#pragma unroll
+    for (int j = 0; j < Tr::kSrcLoads; ++j) {
+      float part[Tr::kSrcElems];
+      unpack_to_float<Src>(src[j], part);
+#pragma unroll
+      for (int e = 0; e < Tr::kSrcElems; ++e) values[j * Tr::kSrcElems + e] = div_rn(part[e], scale);
+    }
+    return pack_from_float<Cache>(values);
+  }
+}
+
+// One thread of the launch: block (block_x, block_y), thread thread_x of kAppendThreads.
+// grid (ceil(tokens / tokens_per_block), ceil(Hkv * vecs_per_head / kAppendThreads)).
+// Thread -> (token, head h, vector c of the head's row). tokens = B * S_new (< 2^31, host-checked).
+// Host-callable too, so the whole launch can be emulated on a CPU.
+template <typename Src, typename Cache, AppendMode kMode, typename SlotT>
+__host__ __device__ __forceinline__ void append_thread(const AppendParams& p, int32_t block_x, int32_t block_y,
+                                                       int32_t thread_x) {
+  using Tr = AppendTraits<Src, Cache>;
+  const int32_t row_vecs = p.num_heads * p.vecs_per_head;  // vectors per token, all heads
+  const int32_t lanes = row_vecs < kAppendThreads ? row_vecs : kAppendThreads;
+  const int32_t sub = thread_x / lanes;  // token within the block
+  const int32_t w = block_y * kAppendThreads + thread_x % lanes;
+  const int64_t token = static_cast<int64_t>(block_x) * p.tokens_per_block + sub;
+  if (sub >= p.tokens_per_block || w >= row_vecs || token >= static_cast<int64_t>(p.batch) * p.seq_new) return;
+  const int32_t b = static_cast<int32_t>(token) / p.seq_new;
+  const int32_t i = static_cast<int32_t>(token) - b * p.seq_new;
+  const int32_t h = w / p.vecs_per_head;
+  const int32_t c = w - h * p.vecs_per_head;
+
+  int64_t page, row;
+  if (!append_cache_row<kMode, SlotT>(p, b, i, page, row)) return;
+
+  const int64_t col = static_cast<int64_t>(c) * Tr::kCacheElems;  // first element of the vector
+  const Src* k_src = static_cast<const Src*>(p.k) + b * p.k_stride_b + i * p.k_stride_s + h * p.k_stride_h + col;
+  const Src* v_src = static_cast<const Src*>(p.v) + b * p.v_stride_b + i * p.v_stride_s + h * p.v_stride_h + col;
+  Cache* k_dst = static_cast<Cache*>(p.k_cache) + page * p.kc_stride_page + row * p.kc_stride_row +
+                 h * p.kc_stride_h + col;
+  Cache* v_dst = static_cast<Cache*>(p.v_cache) + page * p.vc_stride_page + row * p.vc_stride_row +
+                 h * p.vc_stride_h + col;
+
+  uint4 k_in[Tr::kSrcLoads], v_in[Tr::kSrcLoads];
+#pragma unroll
+  for (int j = 0; j < Tr::kSrcLoads; ++j) {
+    k_in[j] = ld_global_16(k_src + j * Tr::kSrcElems);
+    v_in[j] = ld_global_16(v_src + j * Tr::kSrcElems);
+  }
+  float k_scale = 1.0f, v_scale = 1.0f;
+  if constexpr (Tr::kQuantize) {
+    k_scale = p.k_scale[h * p.k_scale_stride];
+    v_scale = p.v_scale[h * p.v_scale_stride];
+  }
+  st_global_16(k_dst, append_convert<Src, Cache>(k_in, k_scale));
+  st_global_16(v_dst, append_convert<Src, Cache>(v_in, v_scale));
+}
+
+// The kernel: append_thread for every thread of the grid.
+//   p.k, p.v              [B, S_new, Hkv, D] Src (slots: [T, 1, Hkv, D])
+//   p.k_cache, p.v_cache  [num_pages, page_size, Hkv, D] Cache
+//   p.cache_seqlens       [B] int32 (contiguous/paged), p.block_table [B, max_pages] int32 (paged),
+//   p.slot_mapping        [T] SlotT (slots), p.k_scale/p.v_scale [Hkv] fp32 (fp8 caches)
+template <typename Src, typename Cache, AppendMode kMode, typename SlotT>
+__global__ void __launch_bounds__(kAppendThreads) kvk_append_kernel(const __grid_constant__ AppendParams p) {
+  append_thread<Src, Cache, kMode, SlotT>(p, static_cast<int32_t>(blockIdx.x), static_cast<int32_t>(blockIdx.y),
+                                          static_cast<int32_t>(threadIdx.x));
+}
+
+}  // namespace kvk

@@ -1,0 +1,117 @@
+// Arguments of one decode launch, shared by the host launcher (csrc/launch/decode*.cu), the torch
+// glue (csrc/ops/decode.cpp) and the kernels (csrc/kernels/decode.cuh). Plain C++: no CUDA, no torch.
+//
+// Decode: one query token per sequence attends to positions [start, len) of its cache, where
+//   len   = clamp(cache_seqlens[b], 0, capacity)
+//   start = window_left >= 0 ? max(0, len - window_left - 1) : 0.
+// A contiguous cache [B, S_max, Hkv, D] is read as B pages of S_max rows, page b holding sequence b;
+// a paged cache [num_pages, page_size, Hkv, D] finds position p of sequence b in row p % page_size of
+// page block_table[b, p / page_size]. Page indices outside [0, num_pages) are skipped (those rows read
+// as zeros and are masked), so a bad block table can give a wrong answer but never a bad access.
+//
+// Split-KV: split s of a sequence covers [start + s * split_tokens, start + (s + 1) * split_tokens)
+// clipped to len (empty splits are allowed). With num_splits == 1 the kernel writes out/lse itself;
+// otherwise it writes one partial state per split into the workspace and a merge kernel combines them
+// in split order (deterministic).
+//
+// Strides are in elements of the tensor's dtype; the last (head-dim) stride is 1.
+#pragma once
+
+#include <cstdint>
+
+// Host and device: the tests compile the division and the fp8 widening for the host.
+#if defined(__CUDACC__)
+#define KVK_DECODE_HD __host__ __device__ __forceinline__
+#else
+#define KVK_DECODE_HD inline
+#endif
+
+namespace kvk {
+
+// Element type of q/out (the MMA type) and of the cache.
+enum class DecodeDType : int { kHalf = 0, kBFloat16 = 1, kFloat8E4M3 = 2 };
+
+// n / d and n % d by a multiply and a shift (d fixed per launch, n < 2^31): the page of every row
+// loaded is position / page_size, and an integer division would cost ~20 instructions per row.
+// Round-up method: with l = ceil(log2 d) and m = floor(2^32 * (2^l - d) / d) + 1,
+//   n / d = (umulhi(n, m) + n) >> l   for all 0 <= n < 2^31 (the sum cannot overflow 32 bits).
+struct FastDivmod {
+  uint32_t divisor = 1;
+  uint32_t multiplier = 0;
+  uint32_t shift = 0;
+
+  FastDivmod() = default;
+  explicit FastDivmod(uint32_t d) : divisor(d) {
+    uint32_t l = 0;
+    while (l < 32 && (uint64_t{1} << l) < d) ++l;
+    shift = l;
+    multiplier = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << l) - d)) / d + 1);
+  }
+
+  // n < 2^31.
+  KVK_DECODE_HD uint32_t div(uint32_t n) const {
+#if defined(__CUDA_ARCH__)
+    const uint32_t hi = __umulhi(n, multiplier);
+#else
+    const uint32_t hi = static_cast<uint32_t>((static_cast<uint64_t>(n) * multiplier) >> 32);
+#endif
+    return (hi + n) >> shift;
+  }
+
+  KVK_DECODE_HD void divmod(uint32_t n, uint32_t& quotient, uint32_t& remainder) const {
+    quotient = div(n);
+    remainder = n - quotient * divisor;
+  }
+};
+
+struct DecodeParams {
+  // ---- tensors
+  const void* q;             // [B, Hq, D] fp16/bf16; strides q_stride_b, q_stride_h
+  const void* k_cache;       // contiguous [B, S_max, Hkv, D] or paged [num_pages, page_size, Hkv, D];
+                             // q's dtype or fp8 e4m3
+  const void* v_cache;       // same shape and dtype as k_cache (its own strides)
+  const int32_t* seqlens;    // [B] cache_seqlens, stride seqlens_stride
+  const int32_t* block_table;  // [B, max_pages] (paged only, else nullptr)
+  const float* k_scale;      // [Hkv] fp32, stride k_scale_stride (0 = one scale per tensor); fp8 only
+  const float* v_scale;      // [Hkv] fp32, stride v_scale_stride; fp8 only
+  void* out;                 // [B, Hq, D] q's dtype; strides out_stride_b, out_stride_h
+  float* lse;                // [B, Hq] fp32 natural log; strides lse_stride_b, lse_stride_h
+  float* ws_out;             // [num_splits, B, Hq, D] fp32 contiguous: per-split normalised outputs
+  float* ws_lse;             // [num_splits, B, Hq] fp32 contiguous: per-split LSE in log2 units
+
+  int64_t q_stride_b, q_stride_h;
+  int64_t k_stride_page, k_stride_row, k_stride_head;  // page = batch for a contiguous cache
+  int64_t v_stride_page, v_stride_row, v_stride_head;
+  int64_t out_stride_b, out_stride_h;
+  int64_t lse_stride_b, lse_stride_h;
+  int64_t seqlens_stride;
+  int64_t bt_stride_b, bt_stride_page;
+  int64_t k_scale_stride, v_scale_stride;
+
+  // ---- sizes
+  int batch;        // B
+  int num_heads;    // Hq
+  int num_kv_heads; // Hkv; query head h reads kv head h / group
+  int group;        // Hq / Hkv
+  int head_dim;     // D: 64, 128 or 256
+  int page_size;    // paged: rows per page; contiguous: S_max
+  int num_pages;    // paged: k_cache.shape[0]; contiguous: B
+  int max_pages;    // paged: block_table.shape[1]; contiguous: 1
+  int capacity;     // most positions a sequence can hold: max_pages * page_size (contiguous: S_max)
+
+  // ---- attention
+  float softmax_scale;
+  float softcap;    // 0 = off; else scores = softcap * tanh(scores / softcap)
+  int window_left;  // -1 = unbounded; else the last window_left + 1 positions (clamped to capacity)
+
+  // ---- split-KV plan (kvkernels/decode_plan.py)
+  int num_splits;   // >= 1
+  int split_tokens; // tokens per split (a multiple of the kernel's KV tile)
+
+  // ---- derived by the launcher (csrc/launch/decode.cu)
+  int m_tiles;      // 16-row MMA tiles of query heads per block: 1, 2 or 4
+  int head_chunks;  // blocks along the query heads of a group: ceil(group / (16 * m_tiles))
+  FastDivmod page_div;  // position -> (page slot, row): divides by page_size
+};
+
+}  // namespace kvk

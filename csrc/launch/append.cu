@@ -1,0 +1,53 @@
+// Instantiations and host launcher of the append kernels: 4 source kinds x 4 addressing modes
+// (contiguous, paged, int32 slots, int64 slots) = 16 small kernels.
+#include "kernels/append.cuh"
+#include "launch/append.h"
+
+namespace kvk {
+namespace {
+
+template <typename Src, typename Cache>
+cudaError_t launch_for_source(const AppendParams& p, AppendMode mode, bool slot_int64, dim3 grid,
+                              cudaStream_t stream) {
+  switch (mode) {
+    case AppendMode::kContiguous:
+      kvk_append_kernel<Src, Cache, AppendMode::kContiguous, int32_t><<<grid, kAppendThreads, 0, stream>>>(p);
+      break;
+    case AppendMode::kPaged:
+      kvk_append_kernel<Src, Cache, AppendMode::kPaged, int32_t><<<grid, kAppendThreads, 0, stream>>>(p);
+      break;
+    case AppendMode::kSlots:
+      if (slot_int64) {
+        kvk_append_kernel<Src, Cache, AppendMode::kSlots, int64_t><<<grid, kAppendThreads, 0, stream>>>(p);
+      } else {
+        kvk_append_kernel<Src, Cache, AppendMode::kSlots, int32_t><<<grid, kAppendThreads, 0, stream>>>(p);
+      }
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_append(AppendParams p, AppendSource source, AppendMode mode, bool slot_int64,
+                          cudaStream_t stream) {
+  uint32_t grid_x, grid_y;
+  if (!append_launch_shape(p, grid_x, grid_y)) return cudaErrorInvalidValue;
+  if (grid_x == 0) return cudaSuccess;  // nothing to write: no launch
+  const dim3 grid(grid_x, grid_y);
+  switch (source) {
+    case AppendSource::kCopy:
+      return launch_for_source<uint8_t, uint8_t>(p, mode, slot_int64, grid, stream);
+    case AppendSource::kHalfToFp8:
+      return launch_for_source<__half, __nv_fp8_e4m3>(p, mode, slot_int64, grid, stream);
+    case AppendSource::kBf16ToFp8:
+      return launch_for_source<__nv_bfloat16, __nv_fp8_e4m3>(p, mode, slot_int64, grid, stream);
+    case AppendSource::kFloatToFp8:
+      return launch_for_source<float, __nv_fp8_e4m3>(p, mode, slot_int64, grid, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace kvk

@@ -1,0 +1,66 @@
+// Launch templates of the decode kernels, included by one .cu file per head dim
+// (decode_hd64.cu, decode_hd128.cu, decode_hd256.cu) so the three compile in parallel. Each file
+// instantiates 8 decode kernels (q fp16/bf16 x cache same/fp8 x contiguous/paged) and 2 merges.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+
+#include "kernels/decode.cuh"
+#include "launch/decode.h"
+
+namespace kvk {
+namespace decode {
+
+// Dynamic shared memory above 48 KB must be opted into per kernel and device; done once per device
+// (a bit per device index, devices past 63 ask every time).
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, int bytes, std::atomic<uint64_t>& done) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const uint64_t bit = device < 64 ? (uint64_t{1} << device) : 0;
+  if (bit != 0 && (done.load(std::memory_order_relaxed) & bit)) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess && bit != 0) done.fetch_or(bit, std::memory_order_relaxed);
+  return err;
+}
+
+template <typename T, typename CacheT, int D, bool kPaged>
+cudaError_t launch_typed(const DecodeParams& p, cudaStream_t stream) {
+  using Tr = Traits<T, CacheT, D>;
+  static std::atomic<uint64_t> smem_done{0};
+  auto kernel = kvk_decode_kernel<T, CacheT, D, kPaged>;
+  cudaError_t err = allow_smem(kernel, Tr::kSmemBytes, smem_done);
+  if (err != cudaSuccess) return err;
+  const int64_t blocks = static_cast<int64_t>(p.batch) * p.num_kv_heads * p.num_splits * p.head_chunks;
+  kernel<<<static_cast<unsigned>(blocks), kThreads, Tr::kSmemBytes, stream>>>(p);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || p.num_splits == 1) return err;
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.num_heads;
+  kvk_decode_merge_kernel<T, D><<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, int D>
+cudaError_t launch_cache(const DecodeParams& p, DecodeDType cache_dtype, bool paged, cudaStream_t stream) {
+  if (cache_dtype == DecodeDType::kFloat8E4M3) {
+    return paged ? launch_typed<T, __nv_fp8_e4m3, D, true>(p, stream)
+                 : launch_typed<T, __nv_fp8_e4m3, D, false>(p, stream);
+  }
+  return paged ? launch_typed<T, T, D, true>(p, stream) : launch_typed<T, T, D, false>(p, stream);
+}
+
+template <int D>
+cudaError_t launch_head_dim(const DecodeParams& p, DecodeDType q_dtype, DecodeDType cache_dtype, bool paged,
+                            cudaStream_t stream) {
+  if (cache_dtype != q_dtype && cache_dtype != DecodeDType::kFloat8E4M3) return cudaErrorInvalidValue;
+  switch (q_dtype) {
+    case DecodeDType::kHalf: return launch_cache<__half, D>(p, cache_dtype, paged, stream);
+    case DecodeDType::kBFloat16: return launch_cache<__nv_bfloat16, D>(p, cache_dtype, paged, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace decode
+}  // namespace kvk

@@ -1,0 +1,212 @@
+// Torch glue of the append kernels: torch.ops.kvkernels_C.append_kv / append_kv_slots.
+//
+// The public API (kvkernels/api.py) validates arguments and values first; these checks are the
+// cheap metadata ones the kernels rely on (device, dtype, shape, 16-byte alignment), so a raw-op
+// call with bad metadata raises instead of touching memory. Nothing here allocates or
+// synchronises: the ops are CUDA-graph capturable and run on the current stream of the caches'
+// device.
+#include <cstdint>
+#include <limits>
+#include <optional>
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "launch/append.h"
+
+namespace kvk {
+namespace {
+
+using at::Tensor;
+
+bool is_aligned_16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// Every dimension but the last: a stride that keeps 16-byte alignment (or a size of 1, whose stride
+// is never used); the last dimension is contiguous.
+void check_vector_layout(const char* name, const Tensor& t) {
+  if (t.numel() == 0) return;  // nothing is read or written
+  const int64_t elem = t.element_size();
+  TORCH_CHECK(t.size(-1) == 1 || t.stride(-1) == 1, name, " must be contiguous in its last dimension, got strides ",
+              t.strides());
+  TORCH_CHECK(is_aligned_16(t), name, " must start at a 16-byte aligned address");
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+    TORCH_CHECK(t.size(d) == 1 || (t.stride(d) * elem) % 16 == 0, name, ": stride ", t.stride(d), " of dim ", d,
+                " is not a multiple of 16 bytes");
+  }
+}
+
+void check_cuda(const char* name, const Tensor& t, const Tensor& like) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.device() == like.device(), name, " is on ", t.device(), ", expected ", like.device());
+}
+
+AppendSource source_kind(const Tensor& src, const Tensor& cache) {
+  if (src.scalar_type() == cache.scalar_type()) return AppendSource::kCopy;
+  TORCH_CHECK(cache.scalar_type() == c10::ScalarType::Float8_e4m3fn, "k/v dtype ", src.scalar_type(),
+              " must equal the cache dtype ", cache.scalar_type(), " (only float8_e4m3fn caches convert)");
+  switch (src.scalar_type()) {
+    case at::kHalf: return AppendSource::kHalfToFp8;
+    case at::kBFloat16: return AppendSource::kBf16ToFp8;
+    case at::kFloat: return AppendSource::kFloatToFp8;
+    default: TORCH_CHECK(false, "an fp8 cache is written from float16, bfloat16 or float32, got ", src.scalar_type());
+  }
+  return AppendSource::kCopy;  // unreachable
+}
+
+void set_scale(const char* name, const std::optional<Tensor>& scale, bool quantize, const Tensor& cache,
+               const float*& ptr, int64_t& stride) {
+  ptr = nullptr;
+  stride = 0;
+  if (!quantize) {
+    TORCH_CHECK(!scale.has_value(), name, " is only used with a float8_e4m3fn cache");
+    return;
+  }
+  TORCH_CHECK(scale.has_value(), name, " is required with a float8_e4m3fn cache (fp32 [Hkv])");
+  const Tensor& s = *scale;
+  check_cuda(name, s, cache);
+  TORCH_CHECK(s.scalar_type() == at::kFloat, name, " must be float32, got ", s.scalar_type());
+  TORCH_CHECK(s.dim() == 1 && s.size(0) == cache.size(2), name, " must have shape [Hkv = ", cache.size(2), "], got ",
+              s.sizes());
+  ptr = s.data_ptr<float>();
+  stride = s.stride(0);
+}
+
+// Fills everything but the positions (sources, caches, scales, sizes) and returns the source kind.
+// k/v are seen as [B, S_new, Hkv, D] (slots: [T, 1, Hkv, D]).
+AppendSource fill_common(AppendParams& p, const Tensor& k, const Tensor& v, const Tensor& k_cache,
+                         const Tensor& v_cache, const std::optional<Tensor>& k_scale,
+                         const std::optional<Tensor>& v_scale, bool slots) {
+  TORCH_CHECK(k_cache.dim() == 4, "k_cache must be 4-D [pages or B, page_size or S_max, Hkv, D], got ",
+              k_cache.sizes());
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache shapes differ: ", k_cache.sizes(), " vs ",
+              v_cache.sizes());
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k_cache and v_cache dtypes differ");
+  TORCH_CHECK(k.dim() == (slots ? 3 : 4), "k must be ", slots ? "[T, Hkv, D]" : "[B, S_new, Hkv, D]", ", got ",
+              k.sizes());
+  TORCH_CHECK(k.sizes() == v.sizes(), "k and v shapes differ: ", k.sizes(), " vs ", v.sizes());
+  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "k and v dtypes differ");
+  TORCH_CHECK(k.size(-1) == k_cache.size(3) && k.size(-2) == k_cache.size(2), "k/v rows [Hkv, D] = ",
+              k.sizes().slice(k.dim() - 2), " do not match the cache's ", k_cache.sizes().slice(2));
+  check_cuda("k", k, k_cache);
+  check_cuda("v", v, k_cache);
+  check_cuda("v_cache", v_cache, k_cache);
+
+  const AppendSource source = source_kind(k, k_cache);
+  const bool copy = source == AppendSource::kCopy;
+  const int64_t head_dim = k_cache.size(3);
+  const int64_t row_bytes = head_dim * k_cache.element_size();
+  TORCH_CHECK(row_bytes % 16 == 0, "head dim ", head_dim, " of ", k_cache.scalar_type(),
+              " is not a whole number of 16-byte vectors");
+  check_vector_layout("k", k);
+  check_vector_layout("v", v);
+  check_vector_layout("k_cache", k_cache);
+  check_vector_layout("v_cache", v_cache);
+
+  const int64_t batch = k.size(0);
+  const int64_t seq_new = slots ? 1 : k.size(1);
+  const int64_t heads = k_cache.size(2);
+  const int64_t vecs = row_bytes / 16;
+  constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK(batch * seq_new <= kIntMax && heads * vecs <= kIntMax, "append of ", batch * seq_new,
+              " tokens x ", heads * vecs, " vectors is too large for one launch");
+
+  // The copy kernel moves bytes: its strides are in bytes.
+  const int64_t src_unit = copy ? k.element_size() : 1;
+  const int64_t cache_unit = copy ? k_cache.element_size() : 1;
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.k_stride_b = k.stride(0) * src_unit;
+  p.v_stride_b = v.stride(0) * src_unit;
+  p.k_stride_s = slots ? 0 : k.stride(1) * src_unit;
+  p.v_stride_s = slots ? 0 : v.stride(1) * src_unit;
+  p.k_stride_h = k.stride(-2) * src_unit;
+  p.v_stride_h = v.stride(-2) * src_unit;
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  p.kc_stride_page = k_cache.stride(0) * cache_unit;
+  p.kc_stride_row = k_cache.stride(1) * cache_unit;
+  p.kc_stride_h = k_cache.stride(2) * cache_unit;
+  p.vc_stride_page = v_cache.stride(0) * cache_unit;
+  p.vc_stride_row = v_cache.stride(1) * cache_unit;
+  p.vc_stride_h = v_cache.stride(2) * cache_unit;
+  p.num_pages = k_cache.size(0);
+  p.page_size = k_cache.size(1);
+  set_scale("k_scale", k_scale, !copy, k_cache, p.k_scale, p.k_scale_stride);
+  set_scale("v_scale", v_scale, !copy, k_cache, p.v_scale, p.v_scale_stride);
+  p.batch = static_cast<int32_t>(batch);
+  p.seq_new = static_cast<int32_t>(seq_new);
+  p.num_heads = static_cast<int32_t>(heads);
+  p.vecs_per_head = static_cast<int32_t>(vecs);
+  return source;
+}
+
+void launch(const AppendParams& p, AppendSource source, AppendMode mode, bool slot_int64, const Tensor& k_cache) {
+  const c10::cuda::CUDAGuard guard(k_cache.device());
+  const cudaError_t err = launch_append(p, source, mode, slot_int64, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "kvkernels append launch failed: ", cudaGetErrorString(err));
+}
+
+// k/v [B, S_new, Hkv, D]; caches [B, S_max, Hkv, D] or, with block_table [B, max_pages] int32,
+// [num_pages, page_size, Hkv, D]; cache_seqlens [B] int32; k_scale/v_scale fp32 [Hkv] (fp8 caches).
+void append_kv(const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_cache, const Tensor& cache_seqlens,
+               const std::optional<Tensor>& block_table, const std::optional<Tensor>& k_scale,
+               const std::optional<Tensor>& v_scale) {
+  AppendParams p{};
+  const AppendSource source = fill_common(p, k, v, k_cache, v_cache, k_scale, v_scale, /*slots=*/false);
+  check_cuda("cache_seqlens", cache_seqlens, k_cache);
+  TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1 &&
+                  cache_seqlens.size(0) == k.size(0),
+              "cache_seqlens must be int32 [B = ", k.size(0), "], got ", cache_seqlens.scalar_type(), " ",
+              cache_seqlens.sizes());
+  p.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
+  p.seqlens_stride = cache_seqlens.stride(0);
+  AppendMode mode = AppendMode::kContiguous;
+  if (block_table.has_value()) {
+    const Tensor& bt = *block_table;
+    check_cuda("block_table", bt, k_cache);
+    TORCH_CHECK(bt.scalar_type() == at::kInt && bt.dim() == 2 && bt.size(0) == k.size(0),
+                "block_table must be int32 [B = ", k.size(0), ", max_pages], got ", bt.scalar_type(), " ", bt.sizes());
+    mode = AppendMode::kPaged;
+    p.block_table = bt.data_ptr<int32_t>();
+    p.bt_stride_b = bt.stride(0);
+    p.bt_stride_page = bt.stride(1);
+    p.max_pages = bt.size(1);
+  } else {
+    TORCH_CHECK(k_cache.size(0) == k.size(0), "a contiguous cache must have shape [B = ", k.size(0),
+                ", S_max, Hkv, D], got ", k_cache.sizes());
+  }
+  launch(p, source, mode, false, k_cache);
+}
+
+// k/v [T, Hkv, D]; caches [num_pages, page_size, Hkv, D]; slot_mapping [T] int32/int64.
+void append_kv_slots(const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_cache, const Tensor& slot_mapping,
+                     const std::optional<Tensor>& k_scale, const std::optional<Tensor>& v_scale) {
+  AppendParams p{};
+  const AppendSource source = fill_common(p, k, v, k_cache, v_cache, k_scale, v_scale, /*slots=*/true);
+  check_cuda("slot_mapping", slot_mapping, k_cache);
+  const bool int64 = slot_mapping.scalar_type() == at::kLong;
+  TORCH_CHECK((int64 || slot_mapping.scalar_type() == at::kInt) && slot_mapping.dim() == 1 &&
+                  slot_mapping.size(0) == k.size(0),
+              "slot_mapping must be int32 or int64 [T = ", k.size(0), "], got ", slot_mapping.scalar_type(), " ",
+              slot_mapping.sizes());
+  p.slot_mapping = slot_mapping.data_ptr();
+  p.slot_stride = slot_mapping.stride(0);
+  launch(p, source, AppendMode::kSlots, int64, k_cache);
+}
+
+}  // namespace
+}  // namespace kvk
+
+TORCH_LIBRARY_FRAGMENT(kvkernels_C, m) {
+  m.def("append_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
+        "Tensor? block_table, Tensor? k_scale, Tensor? v_scale) -> ()");
+  m.def("append_kv_slots(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, "
+        "Tensor? k_scale, Tensor? v_scale) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(kvkernels_C, CUDA, m) {
+  m.impl("append_kv", &kvk::append_kv);
+  m.impl("append_kv_slots", &kvk::append_kv_slots);
+}

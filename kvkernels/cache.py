@@ -1,0 +1,601 @@
+"""KV cache managers holding every layer of a model: a contiguous cache and a paged block allocator.
+
+Both keep the state the kernels read on the device (cache_seqlens int32 [max_seqs]; the paged cache
+also a block table int32 [max_seqs, max_pages_per_seq]) and the bookkeeping that decides allocation
+on the host (lengths, page lists, the free list), so a decode step never waits for the GPU.
+
+One step of a model, for a batch of sequences `ids` (ints from `allocate`, or None for the rows
+0..B-1, or a `SeqBatch` from `cache.batch(ids)`, which keeps its index tensor on the device):
+
+    cache.extend(ids, n)                              # every sequence grows by n tokens (pages reserved)
+    for layer in range(num_layers):
+        ...
+        cache.append(layer, ids, k, v)                # k/v [B, n, Hkv, D] fill the last n positions
+        out = cache.attend(layer, ids, q)             # q [B, Hq, D] (decode) or [B, n, Hq, D]
+        ...
+
+`extend` grows the lengths once for all layers; `append` writes the last n positions of each
+sequence in one layer (kvkernels.append_kv at cache_seqlens - n); `attend` reads positions
+[0, cache_seqlens) (kvkernels.decode_attention; for n > 1 queries, a causal
+kvkernels.prefill_attention over the gathered cache, bottom-right aligned, so chunked prefill and
+multi-token verification see exactly their own prefix).
+
+Storage is one tensor per K and V with a layer dimension:
+    ContiguousKVCache  k_cache/v_cache [num_layers, max_seqs, max_seq_len, Hkv, D]
+    PagedKVCache       k_cache/v_cache [num_layers, num_pages, page_size, Hkv, D]
+A page index means the same page in every layer (one allocation serves the whole model), and
+`layer_cache(l)` is the contiguous [.., Hkv, D] view the ops take.
+
+fp8 storage (dtype=torch.float8_e4m3fn): the cache holds saturate(value / scale) and attention
+reads stored * scale. Scales are fixed when the cache is built (k_scale / v_scale: a number, or an
+fp32 tensor of shape [], [Hkv], [num_layers] or [num_layers, Hkv]; a 1-D tensor whose length is both
+is read per layer); choose them from calibration data (amax / 448 keeps every value in range).
+
+Sliding window (window_left=W >= 0: a query sees itself and the W positions before it): attention
+always applies the window. The paged cache also gives back pages that no future query can see: at
+`extend`, every whole page of a sequence below position len - W (len = its length before the step)
+goes back to the free list, and the sequence is *rebased*: its block table row shifts left by the
+released pages, and its cached positions with it. After releasing r pages, absolute position p
+lives at cache position p - r * page_size, cache_seqlens holds len - r * page_size, `seq_len(id)`
+the absolute length and `dropped(id)` the r * page_size tokens released. Attention is unchanged by
+the rebase because the window counts back from the end; positional encodings (RoPE) are applied
+to keys before they are stored, so they keep their absolute positions. A sequence then needs at
+most ceil((W + 1 + n) / page_size) + 1 pages, however long it runs.
+
+Allocation (`allocate`, `extend`, `free`) holds a lock, so threads may share a cache; each call is
+all-or-nothing: when the pool has too few pages, no sequence slot is free, or a sequence would pass
+its maximum length, it raises CacheFullError and changes nothing. `append` and `attend` take no
+lock: one thread drives the steps of a batch.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+
+from . import api
+
+FP8_DTYPES = (torch.float8_e4m3fn,)
+
+
+class CacheFullError(RuntimeError):
+    """The cache cannot hold the request: too few free pages, no free sequence slot, or a sequence
+    longer than its maximum. The cache is left exactly as it was."""
+
+
+@dataclass(frozen=True)
+class SeqBatch:
+    """A batch of sequence ids with its row index tensor already on the device.
+
+    ids:  the sequence ids, in batch order
+    rows: int64 [B] on the cache's device (None when ids are exactly 0..B-1: plain slices are used)
+    """
+
+    ids: tuple
+    rows: Optional[torch.Tensor]
+
+    def __len__(self):
+        return len(self.ids)
+
+
+SeqIds = Union[None, Sequence[int], SeqBatch, torch.Tensor]
+
+
+def _normalise_scales(name, scale, dtype, num_layers, hkv, device) -> Optional[torch.Tensor]:
+    """-> fp32 [num_layers, Hkv] on the device for fp8 storage, None otherwise."""
+    if dtype not in FP8_DTYPES:
+        if scale is not None:
+            raise ValueError(f"{name} is only used with float8_e4m3fn storage; this cache stores {dtype}")
+        return None
+    if scale is None:
+        scale = 1.0
+    s = torch.as_tensor(scale, dtype=torch.float32).to(device)
+    if s.dim() == 0:
+        s = s.expand(num_layers, hkv)
+    elif s.dim() == 1 and s.shape[0] == hkv and (hkv != num_layers or num_layers == 1):
+        s = s.unsqueeze(0).expand(num_layers, hkv)
+    elif s.dim() == 1 and s.shape[0] == num_layers:
+        s = s.unsqueeze(1).expand(num_layers, hkv)
+    elif s.dim() == 2 and tuple(s.shape) == (num_layers, hkv):
+        pass
+    else:
+        raise ValueError(f"{name} must be a number or have shape [], [{hkv}] (per KV head), [{num_layers}] "
+                         f"(per layer) or [{num_layers}, {hkv}], got {list(s.shape)}")
+    if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
+        raise ValueError(f"{name} must be finite and > 0")
+    return s.contiguous()
+
+
+class KVCache:
+    """What the contiguous and paged caches share: sequence slots, lengths, the step helpers
+    (allocate / extend / free, append / attend). Not built directly."""
+
+    def __init__(self, num_layers: int, max_seqs: int, num_kv_heads: int, head_dim: int, *, dtype, device,
+                 k_scale, v_scale, window_left: int, backend: Optional[str]):
+        for name, value in (("num_layers", num_layers), ("max_seqs", max_seqs), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(window_left, bool) or not isinstance(window_left, int) or window_left < -1:
+            raise ValueError(f"window_left must be an int >= -1 (-1: no window), got {window_left!r}")
+        self.num_layers = num_layers
+        self.max_seqs = max_seqs
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.window_left = window_left
+        self.backend = backend
+        self.k_scale = _normalise_scales("k_scale", k_scale, dtype, num_layers, num_kv_heads, self.device)
+        self.v_scale = _normalise_scales("v_scale", v_scale, dtype, num_layers, num_kv_heads, self.device)
+        # Device mirror of the host lengths; the kernels read it.
+        self.cache_seqlens = torch.zeros(max_seqs, dtype=torch.int32, device=self.device)
+        self._lock = threading.Lock()
+        self._live: set[int] = set()
+        self._lengths = [0] * max_seqs   # cached length (after rebasing) per sequence slot
+        self._dropped = [0] * max_seqs   # tokens released from the front (sliding window)
+        self._batches: dict[tuple, SeqBatch] = {}
+        self._batches_lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------ bookkeeping
+
+    @property
+    def live_ids(self) -> list[int]:
+        with self._lock:
+            return sorted(self._live)
+
+    def seq_len(self, seq_id: int) -> int:
+        """Absolute length of a sequence (tokens appended over its life, released ones included)."""
+        self._check_live(seq_id)
+        return self._lengths[seq_id] + self._dropped[seq_id]
+
+    def cached_len(self, seq_id: int) -> int:
+        """Positions held in the cache (cache_seqlens[seq_id])."""
+        self._check_live(seq_id)
+        return self._lengths[seq_id]
+
+    def dropped(self, seq_id: int) -> int:
+        """Tokens released from the front of a sequence (a multiple of page_size; 0 without a window)."""
+        self._check_live(seq_id)
+        return self._dropped[seq_id]
+
+    def _check_live(self, seq_id) -> None:
+        if seq_id not in self._live:
+            raise KeyError(f"sequence {seq_id!r} is not allocated in this cache")
+
+    def batch(self, seq_ids: Union[Iterable[int], SeqBatch]) -> SeqBatch:
+        """A reusable batch handle: its row indices are uploaded once, then every step is host-sync free."""
+        if isinstance(seq_ids, SeqBatch):
+            return seq_ids
+        ids = tuple(int(i) for i in seq_ids)
+        cached = self._batches.get(ids)
+        if cached is not None:
+            return cached
+        for i in ids:
+            if not 0 <= i < self.max_seqs:
+                raise ValueError(f"sequence id {i} is out of range [0, {self.max_seqs})")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"a batch names a sequence twice: {list(ids)}")
+        rows = None if ids == tuple(range(len(ids))) else torch.tensor(ids, dtype=torch.int64, device=self.device)
+        b = SeqBatch(ids, rows)
+        with self._batches_lock:
+            if len(self._batches) >= 64:  # steady-state decode reuses a handful of batches
+                self._batches.pop(next(iter(self._batches)))
+            self._batches[ids] = b
+        return b
+
+    def _resolve(self, seq_ids: SeqIds, batch_size: int) -> SeqBatch:
+        if seq_ids is None:
+            if batch_size > self.max_seqs:
+                raise ValueError(f"batch of {batch_size} sequences exceeds max_seqs={self.max_seqs}")
+            return self.batch(range(batch_size))
+        if isinstance(seq_ids, SeqBatch):
+            return seq_ids
+        if isinstance(seq_ids, torch.Tensor):
+            seq_ids = seq_ids.tolist()
+        return self.batch(seq_ids)
+
+    def _rows_slice(self, b: SeqBatch, x: torch.Tensor) -> torch.Tensor:
+        """x[rows] of a per-sequence device tensor (a view when the batch is 0..B-1)."""
+        return x[: len(b.ids)] if b.rows is None else x.index_select(0, b.rows)
+
+    def allocate(self, num_tokens: int = 0, seq_id: Optional[int] = None) -> int:
+        """Open a sequence (the lowest free slot, or `seq_id`) holding num_tokens positions to fill.
+        -> its id. Raises CacheFullError (nothing allocated) when no slot or too few pages are free."""
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+            raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
+        with self._lock:
+            if seq_id is None:
+                free_slots = (i for i in range(self.max_seqs) if i not in self._live)
+                seq_id = next(free_slots, None)
+                if seq_id is None:
+                    raise CacheFullError(f"all {self.max_seqs} sequence slots are in use (max_seqs); free one first")
+            else:
+                if isinstance(seq_id, bool) or not isinstance(seq_id, int) or not 0 <= seq_id < self.max_seqs:
+                    raise ValueError(f"seq_id must be an int in [0, {self.max_seqs}), got {seq_id!r}")
+                if seq_id in self._live:
+                    raise ValueError(f"sequence {seq_id} is already allocated")
+            self._live.add(seq_id)
+            self._lengths[seq_id] = 0
+            self._dropped[seq_id] = 0
+            try:
+                if num_tokens:
+                    self._extend_locked((seq_id,), num_tokens)
+            except BaseException:
+                self._live.discard(seq_id)
+                raise
+            return seq_id
+
+    def extend(self, seq_ids: SeqIds, num_tokens: int) -> None:
+        """Grow every sequence of the batch by num_tokens positions (reserving pages), for all layers
+        at once. All-or-nothing: CacheFullError leaves the cache unchanged."""
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+            raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
+        if seq_ids is None:
+            raise ValueError("extend needs the sequence ids (or a SeqBatch)")
+        b = self._resolve(seq_ids, 0)
+        with self._lock:
+            for i in b.ids:
+                self._check_live(i)
+            self._extend_locked(b.ids, num_tokens, b)
+
+    def free(self, seq_ids: Union[int, Iterable[int], SeqBatch]) -> None:
+        """Close sequences and give every page they hold back to the pool."""
+        if isinstance(seq_ids, SeqBatch):
+            seq_ids = seq_ids.ids
+        ids = [seq_ids] if isinstance(seq_ids, int) else [int(i) for i in seq_ids]
+        with self._lock:
+            for i in ids:
+                self._check_live(i)
+            for i in ids:
+                self._release_all_locked(i)
+                self._live.discard(i)
+                self._lengths[i] = 0
+                self._dropped[i] = 0
+            if ids:
+                rows = torch.tensor(ids, dtype=torch.int64).to(self.device, non_blocking=True)
+                self.cache_seqlens.index_fill_(0, rows, 0)
+
+    # ------------------------------------------------------------------------------------ steps
+
+    def layer_cache(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (k, v) storage of one layer, the layout the ops take."""
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} is out of range [0, {self.num_layers})")
+        return self.k_cache[layer], self.v_cache[layer]
+
+    def _layer_scales(self, layer):
+        if self.k_scale is None:
+            return None, None
+        return self.k_scale[layer], self.v_scale[layer]
+
+    def append(self, layer: int, seq_ids: SeqIds, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k/v [B, n, Hkv, D] as the last n positions of each sequence in one layer
+        (kvkernels.append_kv at cache_seqlens - n). Call `extend(ids, n)` first, once per step."""
+        if k.dim() != 4:
+            raise ValueError(f"k must be [B, n, Hkv, D], got shape {tuple(k.shape)}")
+        b = self._resolve(seq_ids, k.shape[0])
+        if len(b) != k.shape[0]:
+            raise ValueError(f"k has batch {k.shape[0]} but {len(b)} sequence ids were given")
+        n = k.shape[1]
+        short = [i for i in b.ids if self._lengths[i] < n] if n else []
+        if short:
+            raise ValueError(f"sequences {short[:8]} hold fewer than the {n} positions being written: "
+                             f"call extend(ids, {n}) before append")
+        kc, vc = self._views(layer, b)
+        seqlens, table = self._batch_state(b)
+        start = seqlens - n
+        ks, vs = self._layer_scales(layer)
+        api.append_kv(k, v, kc, vc, start, block_table=table, k_scale=ks, v_scale=vs, backend=self.backend)
+
+    def attend(self, layer: int, seq_ids: SeqIds, q: torch.Tensor, *, softmax_scale=None, softcap: float = 0.0,
+               num_splits: int = 0, return_lse: bool = False):
+        """Attention of q over each sequence's cached positions in one layer, with the cache's window.
+
+        q [B, Hq, D]       one query per sequence, the last position (kvkernels.decode_attention)
+                           -> out [B, Hq, D] (+ lse [B, Hq])
+        q [B, n, Hq, D]    the last n positions, causal: n == 1 is decode; n > 1 gathers the cached
+                           keys/values and runs a varlen causal kvkernels.prefill_attention
+                           (one host read of the lengths, which the host already knows: no sync)
+                           -> out [B, n, Hq, D] (+ lse [B, Hq, n])
+        """
+        if q.dim() not in (3, 4):
+            raise ValueError(f"q must be [B, Hq, D] or [B, n, Hq, D], got shape {tuple(q.shape)}")
+        b = self._resolve(seq_ids, q.shape[0])
+        if len(b) != q.shape[0]:
+            raise ValueError(f"q has batch {q.shape[0]} but {len(b)} sequence ids were given")
+        if q.dim() == 4 and q.shape[1] == 1:
+            res = self.attend(layer, b, q[:, 0], softmax_scale=softmax_scale, softcap=softcap,
+                              num_splits=num_splits, return_lse=return_lse)
+            if return_lse:
+                return res[0].unsqueeze(1), res[1].unsqueeze(-1)
+            return res.unsqueeze(1)
+        if q.dim() == 3:
+            kc, vc = self._views(layer, b)
+            seqlens, table = self._batch_state(b)
+            ks, vs = self._layer_scales(layer)
+            return api.decode_attention(q, kc, vc, seqlens, block_table=table, softmax_scale=softmax_scale,
+                                        window_left=self.window_left, softcap=softcap, k_scale=ks, v_scale=vs,
+                                        num_splits=num_splits, return_lse=return_lse, backend=self.backend)
+        return self._attend_many(layer, b, q, softmax_scale, softcap, return_lse)
+
+    def _attend_many(self, layer, b: SeqBatch, q, softmax_scale, softcap, return_lse):
+        B, n, hq, d = q.shape
+        lengths = [self._lengths[i] for i in b.ids]
+        short = [i for i, L in zip(b.ids, lengths) if L < n]
+        if short:
+            raise ValueError(f"sequences {short[:8]} hold fewer than the {n} query positions")
+        k, v = self._gather(layer, b.ids, lengths, q.dtype)  # [sum(lengths), Hkv, D]
+        cu_k = torch.tensor([0] + list(_cumsum(lengths)), dtype=torch.int32).to(self.device)
+        cu_q = torch.arange(0, (B + 1) * n, n, dtype=torch.int32).to(self.device)
+        out, lse = api.prefill_attention(q.reshape(B * n, hq, d), k, v, causal=True, softmax_scale=softmax_scale,
+                                         cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=n,
+                                         max_seqlen_k=max(lengths, default=0), window_size=(self.window_left, -1),
+                                         softcap=softcap, return_lse=True, backend=self.backend)
+        out = out.reshape(B, n, hq, d)
+        if return_lse:
+            return out, lse.reshape(hq, B, n).permute(1, 0, 2)
+        return out
+
+    def _dequantize(self, x: torch.Tensor, scale: Optional[torch.Tensor], dtype) -> torch.Tensor:
+        if scale is None:
+            return x.to(dtype)
+        return (x.to(torch.float32) * scale.view(1, -1, 1)).to(dtype)
+
+    def memory_bytes(self) -> int:
+        """Bytes of K/V storage this cache holds (both tensors, every layer)."""
+        return self.k_cache.numel() * self.k_cache.element_size() * 2
+
+
+def _cumsum(xs):
+    total = 0
+    for x in xs:
+        total += x
+        yield total
+
+
+# ------------------------------------------------------------------------------------ contiguous
+
+
+class ContiguousKVCache(KVCache):
+    """Every sequence slot owns max_seq_len positions in each layer.
+
+    k_cache / v_cache [num_layers, max_seqs, max_seq_len, Hkv, D]; cache_seqlens int32 [max_seqs].
+    A batch that is exactly the slots 0..B-1 uses the contiguous ops on views; any other batch
+    addresses the same storage as a paged cache (pages of gcd(max_seq_len, 256) rows, each slot
+    owning consecutive pages), so no data is copied: a max_seq_len that is a multiple of 16 keeps
+    those pages kernel-friendly. The window is applied by attention; no memory is released (see
+    PagedKVCache for that).
+    """
+
+    def __init__(self, num_layers: int, max_seqs: int, max_seq_len: int, num_kv_heads: int, head_dim: int, *,
+                 dtype=torch.float16, device=None, k_scale=None, v_scale=None, window_left: int = -1,
+                 backend: Optional[str] = None):
+        super().__init__(num_layers, max_seqs, num_kv_heads, head_dim, dtype=dtype, device=device, k_scale=k_scale,
+                         v_scale=v_scale, window_left=window_left, backend=backend)
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be a positive int, got {max_seq_len!r}")
+        self.max_seq_len = max_seq_len
+        # Page size of the paged view used for batches other than 0..B-1: the largest power of two
+        # dividing max_seq_len, at most 256 (what the paged kernels take).
+        self._view_page = math.gcd(max_seq_len, 256)
+        shape = (num_layers, max_seqs, max_seq_len, num_kv_heads, head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+
+    def _extend_locked(self, ids, n, b: Optional[SeqBatch] = None) -> None:
+        over = [(i, self._lengths[i] + n) for i in ids if self._lengths[i] + n > self.max_seq_len]
+        if over:
+            i, want = over[0]
+            raise CacheFullError(f"sequence {i} would hold {want} tokens; this cache holds at most "
+                                 f"max_seq_len={self.max_seq_len} per sequence")
+        for i in ids:
+            self._lengths[i] += n
+        if n:
+            if b is None:
+                b = self.batch(ids)
+            if b.rows is None:
+                self.cache_seqlens[: len(b.ids)] += n
+            else:
+                self.cache_seqlens.index_add_(0, b.rows, torch.full((len(b.ids),), n, dtype=torch.int32,
+                                                                    device=self.device))
+
+    def _release_all_locked(self, seq_id) -> None:
+        pass
+
+    def _views(self, layer: int, b: SeqBatch):
+        kc, vc = self.layer_cache(layer)
+        if b.rows is None:
+            return kc[: len(b.ids)], vc[: len(b.ids)]
+        shape = (-1, self._view_page, self.num_kv_heads, self.head_dim)
+        return kc.reshape(shape), vc.reshape(shape)
+
+    def _batch_state(self, b: SeqBatch):
+        """-> (cache_seqlens [B], block_table or None) for the ops."""
+        seqlens = self._rows_slice(b, self.cache_seqlens)
+        if b.rows is None:
+            return seqlens, None
+        # Any other batch: the same storage read as pages of _view_page rows, sequence r owning pages
+        # [r * per_seq, (r + 1) * per_seq). No data moves; the table is device arithmetic.
+        per_seq = self.max_seq_len // self._view_page
+        cols = torch.arange(per_seq, device=self.device, dtype=torch.int64)
+        return seqlens, (b.rows.unsqueeze(1) * per_seq + cols).to(torch.int32)
+
+    def _gather(self, layer, ids, lengths, dtype):
+        kc, vc = self.layer_cache(layer)
+        ks, vs = self._layer_scales(layer)
+        k = torch.cat([kc[i, :L] for i, L in zip(ids, lengths)])
+        v = torch.cat([vc[i, :L] for i, L in zip(ids, lengths)])
+        return self._dequantize(k, ks, dtype), self._dequantize(v, vs, dtype)
+
+
+# ---------------------------------------------------------------------------------------- paged
+
+
+class PagedKVCache(KVCache):
+    """A pool of fixed-size pages shared by all sequences, vLLM-style.
+
+    k_cache / v_cache [num_layers, num_pages, page_size, Hkv, D]
+    block_tables      int32 [max_seqs, max_pages_per_seq] (device): position p of sequence s is row
+                      p % page_size of page block_tables[s, p // page_size]; entries past a
+                      sequence's pages are 0 and never read
+    cache_seqlens     int32 [max_seqs] (device)
+
+    The free list lives on the host. A page belongs to at most one live sequence; `free` returns
+    all of a sequence's pages. The device block table is written only when a sequence gains or
+    releases a page (once every page_size decode steps), as one host-to-device copy; lengths grow by
+    a device-side add, so steady-state decode never synchronises.
+    """
+
+    def __init__(self, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, *,
+                 max_seqs: int = 256, max_pages_per_seq: Optional[int] = None, dtype=torch.float16, device=None,
+                 k_scale=None, v_scale=None, window_left: int = -1, backend: Optional[str] = None):
+        super().__init__(num_layers, max_seqs, num_kv_heads, head_dim, dtype=dtype, device=device, k_scale=k_scale,
+                         v_scale=v_scale, window_left=window_left, backend=backend)
+        for name, value in (("num_pages", num_pages), ("page_size", page_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if max_pages_per_seq is None:
+            max_pages_per_seq = num_pages
+        if isinstance(max_pages_per_seq, bool) or not isinstance(max_pages_per_seq, int) or max_pages_per_seq < 1:
+            raise ValueError(f"max_pages_per_seq must be a positive int, got {max_pages_per_seq!r}")
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self.max_pages_per_seq = max_pages_per_seq
+        shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.block_tables = torch.zeros(max_seqs, max_pages_per_seq, dtype=torch.int32, device=self.device)
+        self._free: list[int] = list(range(num_pages - 1, -1, -1))  # a stack: low page ids first
+        self._pages: dict[int, list[int]] = {}
+
+    @property
+    def max_seq_len(self) -> int:
+        """Most positions one sequence can hold at a time (cached, i.e. after window releases)."""
+        return self.max_pages_per_seq * self.page_size
+
+    @property
+    def num_free_pages(self) -> int:
+        with self._lock:
+            return len(self._free)
+
+    def pages(self, seq_id: int) -> list[int]:
+        """The pages of a sequence, in position order (a copy)."""
+        with self._lock:
+            self._check_live(seq_id)
+            return list(self._pages.get(seq_id, ()))
+
+    def _releasable(self, i: int) -> int:
+        """Whole pages of sequence i below position len - W: no query from now on can see them."""
+        if self.window_left < 0:
+            return 0
+        return max(0, self._lengths[i] - self.window_left) // self.page_size
+
+    def _extend_locked(self, ids, n, b: Optional[SeqBatch] = None) -> None:
+        ps = self.page_size
+        plan = []  # (seq, pages released, pages needed)
+        for i in ids:
+            held = self._pages.get(i, [])
+            r = min(self._releasable(i), len(held))
+            new_len = self._lengths[i] - r * ps + n
+            need = -(-new_len // ps)
+            if need > self.max_pages_per_seq:
+                raise CacheFullError(f"sequence {i} would hold {new_len} tokens ({need} pages); this cache holds at "
+                                     f"most max_pages_per_seq={self.max_pages_per_seq} pages of {ps} per sequence")
+            plan.append((i, r, max(0, need - (len(held) - r))))
+        released = sum(r for _, r, _ in plan)
+        wanted = sum(w for _, _, w in plan)
+        if wanted > len(self._free) + released:
+            raise CacheFullError(f"the page pool is exhausted: {wanted} pages needed, {len(self._free)} free "
+                                 f"(+{released} released by the window) of {self.num_pages}; free sequences "
+                                 f"or build a larger cache")
+        changed_rows = []
+        for i, r, w in plan:
+            held = self._pages.setdefault(i, [])
+            if r:
+                self._free.extend(reversed(held[:r]))
+                del held[:r]
+                self._dropped[i] += r * ps
+                self._lengths[i] -= r * ps
+            if w:
+                held.extend(self._free.pop() for _ in range(w))
+            self._lengths[i] += n
+            if r or w:
+                changed_rows.append(i)
+        if changed_rows:
+            self._write_rows(changed_rows)
+        if n:
+            if b is None:
+                b = self.batch(ids)
+            if b.rows is None:
+                self.cache_seqlens[: len(b.ids)] += n
+            else:
+                self.cache_seqlens.index_add_(0, b.rows, torch.full((len(b.ids),), n, dtype=torch.int32,
+                                                                    device=self.device))
+        released_rows = [i for i, r, _ in plan if r]
+        if released_rows:
+            # Rebase: lengths drop by the released tokens (the device add above counted them).
+            idx = torch.tensor(released_rows, dtype=torch.int64)
+            vals = torch.tensor([self._lengths[i] for i in released_rows], dtype=torch.int32)
+            self.cache_seqlens.index_copy_(0, idx.to(self.device, non_blocking=True),
+                                           vals.to(self.device, non_blocking=True))
+
+    def _write_rows(self, ids) -> None:
+        """Copy the host page lists of these sequences into the device block table (one H2D copy)."""
+        rows = torch.zeros(len(ids), self.max_pages_per_seq, dtype=torch.int32)
+        for r, i in enumerate(ids):
+            held = self._pages.get(i, [])
+            if held:
+                rows[r, : len(held)] = torch.tensor(held, dtype=torch.int32)
+        idx = torch.tensor(ids, dtype=torch.int64)
+        self.block_tables.index_copy_(0, idx.to(self.device, non_blocking=True),
+                                      rows.to(self.device, non_blocking=True))
+
+    def _views(self, layer: int, b: SeqBatch):
+        return self.layer_cache(layer)
+
+    def _release_all_locked(self, seq_id) -> None:
+        held = self._pages.pop(seq_id, [])
+        self._free.extend(reversed(held))
+
+    def _batch_state(self, b: SeqBatch):
+        return self._rows_slice(b, self.cache_seqlens), self._rows_slice(b, self.block_tables)
+
+    def _gather(self, layer, ids, lengths, dtype):
+        kc, vc = self.layer_cache(layer)
+        ps = self.page_size
+        index = []
+        for i, L in zip(ids, lengths):
+            pages = self._pages.get(i, [])
+            index.extend(pages[p // ps] * ps + p % ps for p in range(L))
+        idx = torch.tensor(index, dtype=torch.int64).to(self.device)
+        flat_k = kc.reshape(-1, self.num_kv_heads, self.head_dim)
+        flat_v = vc.reshape(-1, self.num_kv_heads, self.head_dim)
+        ks, vs = self._layer_scales(layer)
+        return (self._dequantize(flat_k.index_select(0, idx), ks, dtype),
+                self._dequantize(flat_v.index_select(0, idx), vs, dtype))
+
+    def check_invariants(self) -> None:
+        """Assert the allocator's invariants (for tests and debugging; reads the device tables):
+        pages of live sequences are disjoint, free + held = all pages exactly once, each sequence
+        holds the pages its length needs, and the device state mirrors the host."""
+        with self._lock:
+            held = [p for i in self._live for p in self._pages.get(i, [])]
+            assert len(held) == len(set(held)), "a page is held by two live sequences"
+            assert sorted(held + self._free) == list(range(self.num_pages)), "pages lost or duplicated"
+            assert set(self._pages) <= self._live, "a freed sequence still holds pages"
+            lens = self.cache_seqlens.cpu().tolist()
+            table = self.block_tables.cpu()
+            for i in range(self.max_seqs):
+                assert lens[i] == (self._lengths[i] if i in self._live else 0), f"cache_seqlens[{i}] out of sync"
+            for i in self._live:
+                pages = self._pages.get(i, [])
+                assert len(pages) == -(-self._lengths[i] // self.page_size), f"sequence {i} holds the wrong page count"
+                assert table[i, : len(pages)].tolist() == pages, f"block_tables[{i}] out of sync"
+
+
+__all__ = ["KVCache", "ContiguousKVCache", "PagedKVCache", "CacheFullError", "SeqBatch"]

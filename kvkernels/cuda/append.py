@@ -1,0 +1,78 @@
+"""CUDA append: torch.ops.kvkernels_C.append_kv / append_kv_slots (csrc/kernels/append.cuh).
+
+What the kernels take (anything else gets a reason from `unsupported`, and auto selection gives
+the call to Triton):
+  * caches of any dtype written from sources of the same dtype (a bit copy), or float8_e4m3fn
+    caches written from float16 / bfloat16 / float32 sources (saturate(value / scale), bit-exact
+    with kvkernels.reference.quantize);
+  * any head dim whose cache row is a whole number of 16-byte vectors (D * cache element size % 16
+    == 0: D % 8 for fp16/bf16, D % 16 for fp8, D % 4 for fp32), any number of heads;
+  * any strides, as long as every tensor (k, v, k_cache, v_cache) starts 16-byte aligned, its last
+    dimension is contiguous and every other stride of a dimension longer than 1 is a multiple of
+    16 bytes: each thread moves one 16-byte vector.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import has_op
+
+_FP8 = (torch.float8_e4m3fn,)
+_FP8_SOURCES = (torch.float16, torch.bfloat16, torch.float32)
+_INT32_MAX = 2**31 - 1
+_THREADS = 128  # kAppendThreads in csrc/kernels/append.cuh
+_MAX_GRID_Y = 65535
+
+
+def _layout_reason(name: str, t: torch.Tensor) -> str | None:
+    if t.numel() == 0:
+        return None
+    elem = t.element_size()
+    if t.data_ptr() % 16:
+        return f"{name} does not start at a 16-byte aligned address"
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        return f"{name} is not contiguous in its last dimension"
+    for dim in range(t.dim() - 1):
+        if t.shape[dim] > 1 and (t.stride(dim) * elem) % 16:
+            return f"{name} stride {t.stride(dim)} of dim {dim} is not a multiple of 16 bytes"
+    return None
+
+
+def unsupported(op: str, *, k, k_cache, v=None, v_cache=None, **_) -> str | None:
+    op_name = "append_kv" if op == "append" else "append_kv_slots"
+    if not has_op(op_name):
+        return f"this build of the extension has no {op_name} kernel"
+    tensors = {"k": k, "v": v, "k_cache": k_cache, "v_cache": v_cache}
+    for name, t in tensors.items():
+        if t is not None and t.device.type != "cuda":
+            return f"{name} is on {t.device}, the CUDA kernels need CUDA tensors"
+    if k_cache.dtype in _FP8:
+        if k.dtype not in _FP8_SOURCES:
+            return f"an fp8 cache is written from float16, bfloat16 or float32 sources, not {k.dtype}"
+    elif k.dtype != k_cache.dtype:
+        return f"k dtype {k.dtype} differs from the cache dtype {k_cache.dtype}"
+    d = k_cache.shape[-1]
+    row_bytes = d * k_cache.element_size()
+    if row_bytes % 16:
+        return f"head dim {d} of {k_cache.dtype} is not a whole number of 16-byte vectors"
+    for name, t in tensors.items():
+        reason = None if t is None else _layout_reason(name, t)
+        if reason:
+            return reason
+    tokens = k.shape[0] * (k.shape[1] if op == "append" else 1)
+    row_vecs = k_cache.shape[2] * row_bytes // 16
+    if tokens > _INT32_MAX or row_vecs > _INT32_MAX or -(-row_vecs // _THREADS) > _MAX_GRID_Y:
+        return f"{tokens} tokens of {row_vecs} vectors is too large for one launch"
+    return None
+
+
+def append(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale) -> None:
+    """k/v [B, S_new, Hkv, D]; caches [B, S_max, Hkv, D] or paged [pages, page_size, Hkv, D] with
+    block_table int32 [B, max_pages]; cache_seqlens int32 [B]; k_scale/v_scale fp32 [Hkv] (fp8)."""
+    torch.ops.kvkernels_C.append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale)
+
+
+def append_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None:
+    """k/v [T, Hkv, D]; caches [pages, page_size, Hkv, D]; slot_mapping int32/int64 [T], s < 0 skipped."""
+    torch.ops.kvkernels_C.append_kv_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)

@@ -1,0 +1,194 @@
+"""Triton append: write new keys/values into the KV cache in place (twin of csrc/kernels/append.cuh).
+
+One program writes one token's rows for a block of heads, K and V together. Same contract as the
+CUDA kernels and the reference, bit for bit:
+  * a cache of the source's dtype gets the source bits unchanged: the kernel moves raw integers
+    (the tensors are viewed as int16 / int32 / ... of the same size), so no dtype ever goes through
+    float arithmetic;
+  * a float8_e4m3fn cache gets saturate(value / scale[h]) rounded to nearest even, from fp16, bf16,
+    fp32 or fp64 sources: value is widened (fp64 rounded) to fp32, divided with IEEE rounding
+    (tl.math.div_rn; `/` is an approximate division on NVIDIA GPUs) and converted by the integer
+    algorithm of torch's own fp32 -> e4m3 conversion (`_e4m3_bits`).
+  * positions past the cache, invalid pages and negative or out-of-range slots are skipped.
+Any head dim, any strides; no alignment needed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET  # noqa: F401  (documents the mode the bf16 note below is about)
+
+# Addressing modes (constexpr MODE)
+_CONTIGUOUS, _PAGED, _SLOTS = 0, 1, 2
+# Source kinds (constexpr SRC): a raw copy, or the float format to quantize from
+_COPY, _F16, _BF16, _F32, _F64 = 0, 1, 2, 3, 4
+_RAW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_FP8 = (torch.float8_e4m3fn,)
+_QUANT_SOURCES = {torch.float16: _F16, torch.bfloat16: _BF16, torch.float32: _F32, torch.float64: _F64}
+_MAX_TILE = 4096  # elements of one [BLOCK_H, BLOCK_D] tile
+
+
+@triton.jit
+def _e4m3_bits(y):
+    """fp32 -> float8_e4m3fn bits (uint8) = torch's `y.clamp(-448, 448).to(torch.float8_e4m3fn)`.
+
+    |y| is clamped to 448 (inf included) on its bit pattern, which is ordered like the value;
+    subnormals (|y| < 2^-6) round to a multiple of 2^-9 by adding 2^14 in fp32 (round to nearest
+    even); normals rebias the exponent 127 -> 7 and round the mantissa from 23 to 3 bits, ties to
+    even; NaN becomes 0x7F with y's sign. Integer arithmetic is used rather than a cast to
+    tl.float8e4nv: that cast needs sm_89+ on GPUs, and the interpreter's version rounds wrongly
+    (tests/test_append.py::test_interpreter_fp8_cast_is_wrong shows it).
+    """
+    bits = y.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    a = bits & 0x7FFFFFFF
+    is_nan = a > 0x7F800000
+    a = tl.minimum(a, 0x43E00000)
+    subnormal = (a.to(tl.float32, bitcast=True) + 16384.0).to(tl.int32, bitcast=True) - (141 << 23)
+    normal = (a + ((7 - 127) << 23) + 0x7FFFF + ((a >> 20) & 1)) >> 20
+    r = tl.where(a < (121 << 23), subnormal, normal)
+    r = tl.where(is_nan, 0x7F, r)
+    return (r | sign).to(tl.uint8)
+
+
+@triton.jit
+def _to_fp32(x, SRC: tl.constexpr):
+    if SRC == 2:  # bf16 held as int16 bits: widening is a 16-bit shift, exact
+        return ((x.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _append_kernel(
+    K, V,              # [B, S_new, Hkv, D] sources (slots: [T, 1, Hkv, D]); raw ints when SRC == 0
+    KC, VC,            # [num_pages, page_size, Hkv, D] caches (contiguous: B pages of S_max rows); raw ints or uint8 (fp8)
+    Seqlens,           # [B] int32 (MODE 0, 1)
+    BlockTable,        # [B, max_pages] int32 (MODE 1)
+    Slots,             # [T] int32/int64 (MODE 2)
+    KScale, VScale,    # [Hkv] fp32 (fp8 caches), stride 0 for one scale per tensor
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_kcp, stride_kcr, stride_kch, stride_vcp, stride_vcr, stride_vch,
+    stride_seq, stride_btb, stride_btp, stride_slot, stride_ksc, stride_vsc,
+    S_new, num_pages, page_size, max_pages, Hkv, D,
+    MODE: tl.constexpr, SRC: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """cache[page, row, h, :] = convert(src[b, i, h, :]) for the heads of one program, K and V.
+
+    grid (B * S_new, cdiv(Hkv, BLOCK_H)). MODE 0: page = b, row = cache_seqlens[b] + i;
+    MODE 1: position p = cache_seqlens[b] + i, page = block_table[b, p // page_size],
+    row = p % page_size; MODE 2: s = slot_mapping[b], page = s // page_size, row = s % page_size.
+    A row outside the cache is not written. convert: identity (SRC 0) or
+    e4m3(saturate(fp32(src) / scale[h])).
+    """
+    token = tl.program_id(0).to(tl.int64)
+    b = token // S_new
+    i = token % S_new
+    if MODE == 2:
+        slot = tl.load(Slots + b * stride_slot).to(tl.int64)
+        ok = slot >= 0
+        slot = tl.where(ok, slot, 0)
+        page = slot // page_size
+        row = slot % page_size
+        ok = ok & (page < num_pages)
+    else:
+        pos = tl.load(Seqlens + b * stride_seq).to(tl.int64) + i
+        ok = pos >= 0
+        pos = tl.where(ok, pos, 0)
+        if MODE == 0:
+            page = b
+            row = pos
+            ok = ok & (pos < page_size) & (b < num_pages)
+        else:
+            logical = pos // page_size
+            row = pos % page_size
+            ok = ok & (logical < max_pages)
+            page = tl.load(BlockTable + b * stride_btb + logical * stride_btp, mask=ok, other=-1).to(tl.int64)
+            ok = ok & (page >= 0) & (page < num_pages)
+
+    offs_h = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    h_ok = offs_h < Hkv
+    mask = (h_ok[:, None] & (offs_d < D)[None, :]) & ok
+    k_src = K + b * stride_kb + i * stride_ks + offs_h[:, None] * stride_kh + offs_d[None, :]
+    v_src = V + b * stride_vb + i * stride_vs + offs_h[:, None] * stride_vh + offs_d[None, :]
+    k_dst = KC + page * stride_kcp + row * stride_kcr + offs_h[:, None] * stride_kch + offs_d[None, :]
+    v_dst = VC + page * stride_vcp + row * stride_vcr + offs_h[:, None] * stride_vch + offs_d[None, :]
+    k = tl.load(k_src, mask=mask)
+    v = tl.load(v_src, mask=mask)
+    if SRC == 0:
+        tl.store(k_dst, k, mask=mask)
+        tl.store(v_dst, v, mask=mask)
+    else:
+        k_scale = tl.load(KScale + offs_h * stride_ksc, mask=h_ok, other=1.0)
+        v_scale = tl.load(VScale + offs_h * stride_vsc, mask=h_ok, other=1.0)
+        tl.store(k_dst, _e4m3_bits(tl.math.div_rn(_to_fp32(k, SRC), k_scale[:, None])), mask=mask)
+        tl.store(v_dst, _e4m3_bits(tl.math.div_rn(_to_fp32(v, SRC), v_scale[:, None])), mask=mask)
+
+
+def unsupported(op: str, **kw) -> str | None:
+    return None  # every dtype, head dim and layout the public API accepts
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """The same memory as integers of the same size (a view: no copy)."""
+    return t.view(_RAW[t.element_size()])
+
+
+def _launch(k, v, k_cache, v_cache, mode, seqlens, block_table, slots, k_scale, v_scale):
+    """k/v [B, S_new, Hkv, D] (strided views fine); see _append_kernel."""
+    B, s_new, hkv, d = k.shape
+    if B * s_new == 0 or hkv * d == 0 or k_cache.shape[0] * k_cache.shape[1] == 0:
+        return  # nothing to write (and no division by a page size of 0)
+    # bf16 note (the interpreter keeps bf16 as raw uint16 and computes on it wrongly): no bf16
+    # value goes through Triton arithmetic here, in the interpreter or compiled. A same-dtype
+    # append moves raw integers, and an fp8 append widens bf16 bits to fp32 by a shift (_to_fp32),
+    # which is exact in both modes; so the wrapper needs no fp32 copy of bf16 inputs.
+    if k_cache.dtype in _FP8:
+        src = _QUANT_SOURCES[k.dtype]
+        k_in, v_in = (k.view(torch.int16), v.view(torch.int16)) if src == _BF16 else (k, v)
+        kc, vc = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
+        ks, vs = k_scale, v_scale
+    else:
+        src = _COPY
+        k_in, v_in, kc, vc = _raw(k), _raw(v), _raw(k_cache), _raw(v_cache)
+        ks = vs = seqlens if seqlens is not None else slots  # unused placeholders
+    dummy = seqlens if seqlens is not None else slots
+    block_d = triton.next_power_of_2(d)
+    block_h = min(triton.next_power_of_2(hkv), max(1, _MAX_TILE // block_d))
+    grid = (B * s_new, triton.cdiv(hkv, block_h))
+    _append_kernel[grid](
+        k_in, v_in, kc, vc,
+        seqlens if seqlens is not None else dummy,
+        block_table if block_table is not None else dummy,
+        slots if slots is not None else dummy,
+        ks, vs,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        seqlens.stride(0) if seqlens is not None else 0,
+        block_table.stride(0) if block_table is not None else 0,
+        block_table.stride(1) if block_table is not None else 0,
+        slots.stride(0) if slots is not None else 0,
+        ks.stride(0) if src != _COPY else 0, vs.stride(0) if src != _COPY else 0,
+        s_new, k_cache.shape[0], k_cache.shape[1],
+        block_table.shape[1] if block_table is not None else 0, hkv, d,
+        MODE=mode, SRC=src, BLOCK_H=block_h, BLOCK_D=block_d,
+    )
+
+
+def append(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale) -> None:
+    """k/v [B, S_new, Hkv, D]; caches [B, S_max, Hkv, D] or paged [pages, page_size, Hkv, D] with
+    block_table int32 [B, max_pages]; cache_seqlens int32 [B]; k_scale/v_scale fp32 [Hkv] (fp8)."""
+    mode = _CONTIGUOUS if block_table is None else _PAGED
+    _launch(k, v, k_cache, v_cache, mode, cache_seqlens, block_table, None, k_scale, v_scale)
+
+
+def append_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None:
+    """k/v [T, Hkv, D]; caches [pages, page_size, Hkv, D]; slot_mapping int32/int64 [T], s < 0 skipped."""
+    k4 = k.unsqueeze(1)  # [T, 1, Hkv, D]: slots are the paged mode with one token per "sequence"
+    v4 = v.unsqueeze(1)
+    _launch(k4, v4, k_cache, v_cache, _SLOTS, None, None, slot_mapping, k_scale, v_scale)

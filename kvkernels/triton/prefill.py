@@ -1,0 +1,391 @@
+"""Triton prefill: flash-attention forward over whole prompts, dense or varlen.
+
+    dense:  q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] -> out [B, Sq, Hq, D], lse [B, Hq, Sq] fp32
+    varlen: q [Tq, Hq, D], k/v [Tk, Hkv, D], cu_seqlens_q/k int32 [B+1] -> out [Tq, Hq, D], lse [Hq, Tq]
+
+One kernel serves both layouts: a program owns BLOCK_M query rows of one (sequence, query head) and
+finds its sequence through per-batch offsets (a batch stride when dense, cu_seqlens when varlen).
+
+For query row i and key j of one sequence (bottom-right aligned, off = Sk - Sq):
+    s_ij  = scale * q_i . k_j                       (softcap > 0: s_ij = softcap * tanh(s_ij / softcap))
+    seen  : i + off - left <= j <= i + off + right   (causal is right = 0; -1 = unbounded)
+    out_i = sum_j softmax_j(s_ij) v_j,  lse_i = log sum_j exp(s_ij)
+computed with the online softmax in base 2 (log2(e) folded into the scale, one exp2 per score).
+A row that sees no key gets out 0 and lse -inf.
+
+Key tiles wholly outside a query block's band are never visited: the loop bounds come from the
+window, and only the tiles that straddle a band edge (or the end of the sequence) pay for masks.
+A program for query head h reads key/value head h // (Hq // Hkv); repeated K/V are never built.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _tanh(x):
+    """tanh through exp2 (tl has no tanh the interpreter and every Triton version share);
+    saturates to +-1 without overflow because the exponent is never positive."""
+    e = tl.exp2(-2.0 * 1.4426950408889634 * tl.abs(x))  # exp(-2|x|) in (0, 1]
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _attend_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
+                  offs_m, offs_n, offs_d, d_mask,
+                  start, end, kv_lo, kv_hi, diag_off, window_left, window_right, seqlen_k,
+                  qk_scale, softcap_log2e,
+                  MASKED: tl.constexpr, SOFTCAP: tl.constexpr, POSITIVE_SCALE: tl.constexpr,
+                  EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online softmax over key tiles [start, end) (BLOCK_N apart) of one query block.
+
+    acc [BLOCK_M, BLOCK_D] fp32, l_i/m_i [BLOCK_M] fp32 (running sum / max, base 2); q [BLOCK_M, BLOCK_D];
+    k_base/v_base point at key 0 of this sequence and KV head. MASKED tiles straddle a band edge or the
+    end of the keys: their loads are limited to [kv_lo, kv_hi) and each score is checked against its
+    row's window; unmasked tiles are wholly inside every row's band.
+    """
+    k_ptrs = k_base + offs_n[:, None] * stride_ks + offs_d[None, :]
+    v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_d[None, :]
+    for start_n in range(start, end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        n = start_n + offs_n
+        k_off = start_n.to(tl.int64) * stride_ks
+        v_off = start_n.to(tl.int64) * stride_vs
+        if MASKED:
+            kv_mask = (n >= kv_lo) & (n < kv_hi)
+            k = tl.load(k_ptrs + k_off, mask=kv_mask[:, None] & d_mask[None, :], other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs + k_off)
+        else:
+            k = tl.load(k_ptrs + k_off, mask=d_mask[None, :], other=0.0)
+
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if MASKED or SOFTCAP or not POSITIVE_SCALE:
+            if SOFTCAP:
+                s = _tanh(qk * qk_scale) * softcap_log2e  # qk_scale = scale / softcap here
+            else:
+                s = qk * qk_scale  # qk_scale = scale * log2(e)
+            if MASKED:
+                diag = offs_m[:, None] + diag_off
+                seen = ((n[None, :] >= diag - window_left) & (n[None, :] <= diag + window_right)
+                        & (n[None, :] < seqlen_k))
+                s = tl.where(seen, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                # A row with nothing seen yet keeps max -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_use = m_new
+            p = tl.exp2(s - m_use[:, None])
+        else:
+            # Inside the band with a positive scale: max(qk) * scale is max(qk * scale) exactly, and the
+            # scale and the max subtraction fuse into one FMA per score (the exp2 unit is the bottleneck).
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_use = m_new
+            p = tl.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+
+        if MASKED:
+            v = tl.load(v_ptrs + v_off, mask=kv_mask[:, None] & d_mask[None, :], other=0.0)
+        elif EVEN_D:
+            v = tl.load(v_ptrs + v_off)
+        else:
+            v = tl.load(v_ptrs + v_off, mask=d_mask[None, :], other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _prefill_kernel(
+    Q,  # dense [B, Sq, Hq, D] / varlen [Tq, Hq, D]
+    K,  # dense [B, Sk, Hkv, D] / varlen [Tk, Hkv, D]
+    V,  # like K
+    Out,  # like Q
+    Lse,  # fp32, dense [B, Hq, Sq] / varlen [Hq, Tq]
+    CuQ,  # int32 [B + 1] token offsets of the queries (varlen only)
+    CuK,  # int32 [B + 1] token offsets of the keys (varlen only)
+    stride_qb, stride_qs, stride_qh,  # batch stride 0 when varlen; last dim contiguous everywhere
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh,  # lse: batch stride 0 when varlen (rows are token indices)
+    seqlen_q, seqlen_k,  # dense: Sq, Sk; varlen: Tq, Tk (cu_seqlens are clamped to them)
+    num_heads_q, group,  # Hq, Hq // Hkv
+    qk_scale,  # scale * log2(e); with softcap: scale / softcap
+    softcap_log2e,  # softcap * log2(e) (unused without softcap)
+    window_left, window_right,  # >= 0; an unbounded side holds a value that covers every key
+    seq_bucket_q, seq_bucket_k, banded,  # autotune keys only (sequence-length buckets, causal/window)
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, POSITIVE_SCALE: tl.constexpr, LONGEST_FIRST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """out/lse of BLOCK_M query rows of one (sequence, query head); see the module docstring."""
+    pid_m = tl.program_id(0)
+    if LONGEST_FIRST:
+        # Under a causal band the last query blocks see the most keys: start them first so the
+        # short blocks fill the tail of the grid.
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads_q
+    h = pid_bh % num_heads_q
+    kvh = h // group
+
+    if IS_VARLEN:
+        q_start = tl.minimum(tl.load(CuQ + b), seqlen_q)
+        q_end = tl.minimum(tl.load(CuQ + b + 1), seqlen_q)
+        k_start = tl.minimum(tl.load(CuK + b), seqlen_k)
+        k_end = tl.minimum(tl.load(CuK + b + 1), seqlen_k)
+        sq = tl.maximum(q_end - q_start, 0)
+        sk = tl.maximum(k_end - k_start, 0)
+        q_row0 = q_start.to(tl.int64)
+        k_row0 = k_start.to(tl.int64)
+    else:
+        sq = seqlen_q
+        sk = seqlen_k
+        q_row0 = b.to(tl.int64) * 0
+        k_row0 = q_row0
+
+    m0 = pid_m * BLOCK_M
+    if m0 >= sq:
+        return
+
+    b64 = b.to(tl.int64)
+    q_base = Q + b64 * stride_qb + q_row0 * stride_qs + h.to(tl.int64) * stride_qh
+    o_base = Out + b64 * stride_ob + q_row0 * stride_os + h.to(tl.int64) * stride_oh
+    k_base = K + b64 * stride_kb + k_row0 * stride_ks + kvh.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + k_row0 * stride_vs + kvh.to(tl.int64) * stride_vh
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    d_mask = offs_d < HEAD_DIM
+    m_mask = offs_m < sq
+    rows64 = offs_m.to(tl.int64)
+
+    q = tl.load(q_base + rows64[:, None] * stride_qs + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :],
+                other=0.0)
+
+    # Key range of this block: the union of its rows' bands, clipped to [0, sk).
+    diag_off = sk - sq
+    row_lo = m0
+    row_hi = tl.minimum(m0 + BLOCK_M, sq) - 1
+    kv_lo = tl.maximum(row_lo + diag_off - window_left, 0)
+    kv_hi = tl.maximum(tl.minimum(row_hi + diag_off + window_right + 1, sk), 0)
+    tile_lo = (kv_lo // BLOCK_N) * BLOCK_N
+    # Tiles from full_lo on are inside the left edge of every row; tiles ending by full_hi are
+    # inside the right edge of every row and inside the keys. (Operands of // are kept >= 0.)
+    full_lo = tl.maximum(tile_lo, (tl.maximum(row_hi + diag_off - window_left, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N)
+    full_hi = (tl.maximum(tl.minimum(row_lo + diag_off + window_right + 1, sk), 0) // BLOCK_N) * BLOCK_N
+    mid_lo = tl.minimum(full_lo, kv_hi)
+    mid_hi = tl.maximum(mid_lo, full_hi)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+
+    # [tile_lo, mid_lo): left-edge tiles; [mid_lo, mid_hi): inside the band; [mid_hi, kv_hi): right edge / tail.
+    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d,
+                                  d_mask, tile_lo, mid_lo, kv_lo, kv_hi, diag_off, window_left, window_right, sk,
+                                  qk_scale, softcap_log2e, True, SOFTCAP, POSITIVE_SCALE, EVEN_D, DOT_PRECISION, BLOCK_N)
+    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d,
+                                  d_mask, mid_lo, mid_hi, kv_lo, kv_hi, diag_off, window_left, window_right, sk,
+                                  qk_scale, softcap_log2e, False, SOFTCAP, POSITIVE_SCALE, EVEN_D, DOT_PRECISION, BLOCK_N)
+    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d,
+                                  d_mask, mid_hi, kv_hi, kv_lo, kv_hi, diag_off, window_left, window_right, sk,
+                                  qk_scale, softcap_log2e, True, SOFTCAP, POSITIVE_SCALE, EVEN_D, DOT_PRECISION, BLOCK_N)
+
+    empty = l_i == 0.0  # no key seen: out 0, lse -inf
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    tl.store(o_base + rows64[:, None] * stride_os + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=m_mask[:, None] & d_mask[None, :])
+    tl.store(Lse + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_row0 + rows64, lse, mask=m_mask)
+
+
+# -------------------------------------------------------------------------------- configurations
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), by head-dim bucket. Chosen from ptxas reports of this
+# kernel compiled for sm_80 and sm_90a (registers, local-memory spills, shared memory), keeping the
+# configs that neither spill more than a few words nor exceed shared memory (227 KB on sm_90, 163 KB on
+# sm_80; the consumer parts' 99 KB rules out the largest, which the autotuner then skips):
+#   - 128 query rows take 8 warps at D >= 128: with 4 warps the fp32 accumulator, the q fragment and
+#     the score tile do not fit in 255 registers (sm_80 128x64/4 warps spilled 30 KB).
+#   - Hopper issues wgmma per warpgroup, so 8 warps = two warpgroups sharing a 128-row block.
+#   - D = 256 keeps key tiles narrow: every pipeline stage holds BLOCK_N x 256 of both K and V.
+#   - A 64-row config is in every list: short prompts need more programs than 128-row blocks give.
+_CONFIGS = {
+    "sm90": {
+        64: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+        128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
+        256: [(64, 32, 4, 3), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
+    },
+    "sm80": {
+        64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+        128: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+        256: [(64, 32, 8, 2), (64, 32, 4, 3), (64, 64, 8, 2), (128, 32, 8, 2)],
+    },
+}
+
+# Short prompts (<= AUTOTUNE_MIN_SEQLEN queries) run one fixed 64-row config: they are latency-bound,
+# the 64-row config is what wins there, and a tuning run per new key would cost more than it saves.
+# KVKERNELS_TRITON_AUTOTUNE=0 uses the first config of the list above for every size (test runs on a
+# GPU, where each new autotune key compiles every config).
+AUTOTUNE_MIN_SEQLEN = 512
+_SHORT_CONFIG = {64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 32, 4, 3)}
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("KVKERNELS_TRITON_AUTOTUNE", "1") not in ("0", "false", "False", "")
+
+
+# The interpreter runs one fixed config (autotuning there would only multiply a slow run). Small
+# tiles with BLOCK_N != BLOCK_M also make the test sequences (17, 113 keys) cross several tiles and
+# band edges, so every loop phase runs.
+_INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16}
+
+
+def _d_bucket(block_d: int) -> int:
+    return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
+
+
+def _seq_bucket(n: int) -> int:
+    """Coarse length buckets for the autotune key (a retune per distinct length would be absurd)."""
+    for edge in (256, 1024, 4096):
+        if n <= edge:
+            return edge
+    return 16384
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_kernel(arch: str, d_bucket: int):
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+               for bm, bn, w, s in _CONFIGS[arch][d_bucket]]
+    return triton.autotune(configs=configs, key=["seq_bucket_q", "seq_bucket_k", "banded", "HEAD_DIM", "SOFTCAP"])(
+        _prefill_kernel)
+
+
+def _arch(device: torch.device) -> str:
+    major, _ = torch.cuda.get_device_capability(device)
+    return "sm90" if major >= 9 else "sm80"
+
+
+# ------------------------------------------------------------------------------------ entry points
+
+
+def unsupported(op: str, *, q=None, k=None, v=None, **kw) -> str | None:
+    if q is None:
+        return None
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} (the Triton prefill kernel takes float16, bfloat16 and float32)"
+    if q.shape[-1] > 256:
+        return f"head dim {q.shape[-1]} > 256"
+    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 8:
+        return "compute capability < 8.0 (the Triton prefill kernel is tuned for sm_80 and newer)"
+    return None
+
+
+def _window_bound(w: int, cover: int) -> int:
+    """-1 (unbounded) becomes a window that covers every key of every row; wider windows are
+    clipped to it (same keys, and the kernel's int32 index arithmetic cannot overflow)."""
+    return cover if w < 0 else min(w, cover)
+
+
+def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+            window_right, softcap):
+    """Normalised entry point (kvkernels.api): causal already folded into window_right (0 = causal).
+
+    -> (out like q, lse fp32: dense [B, Hq, Sq], varlen [Hq, Tq]).
+    """
+    varlen = q.dim() == 3
+    out_dtype = q.dtype
+    if INTERPRET and q.dtype == torch.bfloat16:
+        # The Triton interpreter holds bfloat16 as raw uint16 (tl.dot multiplies bit patterns, casts
+        # truncate; DESIGN.md sec. 5). Interpreting only, the kernel gets exact fp32 copies of the
+        # bf16 inputs with IEEE fp32 dots, and its fp32 result is rounded back to bf16 by torch
+        # (round-to-nearest). On a GPU the kernel reads bf16 directly and uses bf16 tensor-core dots.
+        q, k, v = q.float(), k.float(), v.float()
+
+    if varlen:
+        total_q, hq, d = q.shape
+        total_k, hkv = k.shape[0], k.shape[1]
+        batch = cu_seqlens_q.shape[0] - 1
+        out = torch.empty((total_q, hq, d), dtype=q.dtype, device=q.device)
+        lse = torch.empty((hq, total_q), dtype=torch.float32, device=q.device)
+        sq_arg, sk_arg = total_q, total_k
+        grid_sq, grid_sk = max_seqlen_q, max_seqlen_k
+        q_strides = (0, q.stride(0), q.stride(1))
+        k_strides = (0, k.stride(0), k.stride(1))
+        v_strides = (0, v.stride(0), v.stride(1))
+        o_strides = (0, out.stride(0), out.stride(1))
+        l_strides = (0, lse.stride(0))
+        cu_q, cu_k = cu_seqlens_q, cu_seqlens_k
+    else:
+        batch, sq, hq, d = q.shape
+        sk, hkv = k.shape[1], k.shape[2]
+        out = torch.empty((batch, sq, hq, d), dtype=q.dtype, device=q.device)
+        lse = torch.empty((batch, hq, sq), dtype=torch.float32, device=q.device)
+        sq_arg, sk_arg = sq, sk
+        grid_sq, grid_sk = sq, sk
+        q_strides = (q.stride(0), q.stride(1), q.stride(2))
+        k_strides = (k.stride(0), k.stride(1), k.stride(2))
+        v_strides = (v.stride(0), v.stride(1), v.stride(2))
+        o_strides = (out.stride(0), out.stride(1), out.stride(2))
+        l_strides = (lse.stride(0), lse.stride(1))
+        cu_q = cu_k = lse  # never read when dense
+
+    if out.numel() == 0 or batch == 0 or grid_sq == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out.to(out_dtype), lse
+
+    left = _window_bound(window_left, grid_sk)
+    right = _window_bound(window_right, grid_sq)
+    if softcap > 0:
+        qk_scale, softcap_log2e = softmax_scale / softcap, softcap * LOG2E
+    else:
+        qk_scale, softcap_log2e = softmax_scale * LOG2E, 0.0
+    block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs K >= 16
+    banded = int(window_left >= 0 or window_right >= 0)
+    args = (q, k, v, out, lse, cu_q, cu_k, *q_strides, *k_strides, *v_strides, *o_strides, *l_strides,
+            sq_arg, sk_arg, hq, hq // hkv, qk_scale, softcap_log2e, left, right,
+            _seq_bucket(grid_sq), _seq_bucket(grid_sk), banded)
+    meta = dict(HEAD_DIM=d, BLOCK_D=block_d, IS_VARLEN=varlen, SOFTCAP=softcap > 0, POSITIVE_SCALE=softmax_scale > 0,
+                LONGEST_FIRST=window_right >= 0,
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+    if INTERPRET:
+        bm = _INTERPRET_CONFIG["BLOCK_M"]
+        _prefill_kernel[(triton.cdiv(grid_sq, bm), batch * hq)](*args, **meta, **_INTERPRET_CONFIG)
+        return out.to(out_dtype), lse
+
+    arch, d_bucket = _arch(q.device), _d_bucket(block_d)
+    with torch.cuda.device(q.device):
+        if grid_sq > AUTOTUNE_MIN_SEQLEN and _autotune_enabled():
+            grid = lambda meta_: (triton.cdiv(grid_sq, meta_["BLOCK_M"]), batch * hq)  # noqa: E731
+            _tuned_kernel(arch, d_bucket)[grid](*args, **meta)
+        else:
+            bm, bn, warps, stages = (_SHORT_CONFIG[d_bucket] if grid_sq <= AUTOTUNE_MIN_SEQLEN
+                                     else _CONFIGS[arch][d_bucket][0])
+            _prefill_kernel[(triton.cdiv(grid_sq, bm), batch * hq)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn,
+                                                                    num_warps=warps, num_stages=stages)
+    return out.to(out_dtype), lse
