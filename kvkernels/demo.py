@@ -167,7 +167,8 @@ def run(args) -> int:
 
     decode_ms = [1e3 * s for s in t_cached[1:]] or [float("nan")]
     full_ms = [1e3 * s for s in t_full]
-    what = "GPU" if on_gpu else "CPU reference"
+    interpreted = "triton" in used.values()
+    what = "GPU" if on_gpu else ("CPU, Triton interpreter" if interpreted else "CPU reference")
     print(f"time per generated token ({what} timings, whole batch of {B} per step):")
     print(f"  with cache:    prefill {1e3 * t_cached[0]:.1f} ms, then {sum(decode_ms) / len(decode_ms):.2f} ms per token "
           f"(first {decode_ms[0]:.2f}, last {decode_ms[-1]:.2f})")
@@ -175,7 +176,8 @@ def run(args) -> int:
     total_c, total_f = sum(t_cached), sum(t_full)
     print(f"  total: {total_c:.2f} s with cache, {total_f:.2f} s without ({total_f / total_c:.1f}x)")
     if not on_gpu:
-        print("  note: these are CPU timings of the PyTorch reference path (no GPU here), not kernel timings;"
+        path = "the Triton interpreter" if interpreted else "the PyTorch reference path"
+        print(f"  note: these are CPU timings of {path} (no GPU here), not kernel timings;"
               " run on a GPU for the CUDA/Triton kernels")
     print()
 

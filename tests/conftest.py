@@ -18,6 +18,9 @@ import kvkernels.triton  # (sets TRITON_INTERPRET=1 before any kernel is defined
 from kvkernels import reference
 
 HAS_CUDA = torch.cuda.is_available()
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one torch thread per xdist worker: workers x threads > cores makes OpenMP threads spin
+    torch.set_num_threads(1)
 # Where backend="triton" runs in this process: CPU tensors under the interpreter, else the GPU.
 TRITON_DEVICE = "cpu" if kvkernels.triton.INTERPRET else "cuda"
 AWKWARD_LENGTHS = (1, 17, 113, 511)

@@ -519,11 +519,19 @@ __global__ void __launch_bounds__(kThreads) kvk_decode_merge_kernel(const __grid
       const float w = ls == M ? 1.0f : exp2f(ls - M);
       L += w;
       const float* src = p.ws_out + (s * split_stride + row) * D + lane * kPerLane;
+      if constexpr (kPerLane % 4 == 0) {  // 16-byte loads
 #pragma unroll
-      for (int i = 0; i < kPerLane; i += 2) {
-        const float2 v = *reinterpret_cast<const float2*>(src + i);
-        acc[i] += w * v.x;
-        acc[i + 1] += w * v.y;
+        for (int i = 0; i < kPerLane; i += 4) {
+          const float4 v = *reinterpret_cast<const float4*>(src + i);
+          acc[i] += w * v.x;
+          acc[i + 1] += w * v.y;
+          acc[i + 2] += w * v.z;
+          acc[i + 3] += w * v.w;
+        }
+      } else {
+        const float2 v = *reinterpret_cast<const float2*>(src);
+        acc[0] += w * v.x;
+        acc[1] += w * v.y;
       }
     }
   }
