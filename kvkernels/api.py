@@ -35,6 +35,9 @@ import torch
 
 from . import config
 from . import validation as V
+# Imported first so that, without a GPU, TRITON_INTERPRET=1 is set before the custom-op machinery
+# (torch._dynamo) imports triton: kernels decorated before that setting cannot be interpreted.
+from . import triton as _triton_mode  # noqa: F401,E402
 
 # ------------------------------------------------------------------------------------ backends
 

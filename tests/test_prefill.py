@@ -69,7 +69,8 @@ def _check(backend, device, q, k, v, **kw):
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("sq,sk,d", [(1, 17, 64), (17, 1, 64), (17, 17, 128), (113, 113, 64), (17, 113, 128), (113, 17, 64)])
+@pytest.mark.parametrize("sq,sk,d", [(1, 17, 64), (17, 1, 64), (17, 17, 128), (113, 113, 64), (17, 113, 128),
+                                     (113, 17, 64)])
 def test_dense_parity(backend, device, dtype, causal, sq, sk, d):
     q, k, v = _qkv(2, sq, sk, 2, 1, d, dtype)
     _check(backend, device, q, k, v, causal=causal)
@@ -162,9 +163,8 @@ def test_rows_that_see_no_key(backend, device, causal, window):
 ])
 def test_varlen_parity(backend, device, dtype, causal, lens_q, lens_k):
     q, k, v, cu_q, cu_k = _varlen_qkv(lens_q, lens_k, 4, 2, 64, dtype, seed=7)
-    _, lse, ref_lse = _check(backend, device, q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                             max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k))
-    assert lse.shape == (4, sum(lens_q))
+    _check(backend, device, q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+           max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k))
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -196,12 +196,14 @@ def test_varlen_matches_dense_per_sequence(backend, device):
 def test_strided_inputs(backend, device):
     # q, k, v as views into one packed [B, S, 3, H, D] projection (row stride 3*H*D), kv heads strided too
     b, s, h, d = 2, 45, 2, 64
-    qkv = randn(b, s, 3, h, d, dtype=torch.float16, gen=seeded(10))
+    qkv = randn(b, s, 3, h, d, dtype=torch.float16, gen=seeded(10), device=device)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    assert not q.is_contiguous()
-    out, lse, _ = _check(backend, device, q, k, v, causal=True)
-    out_c, lse_c = _run(backend, device, q.contiguous(), k.contiguous(), v.contiguous(), causal=True)
+    assert q.stride(1) == 3 * h * d
+    out, lse = kvkernels.prefill_attention(q, k, v, causal=True, return_lse=True, backend=backend)
+    out_c, lse_c = kvkernels.prefill_attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True,
+                                               return_lse=True, backend=backend)
     assert torch.equal(out, out_c) and torch.equal(lse, lse_c)
+    _check(backend, device, q.cpu(), k.cpu(), v.cpu(), causal=True)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -281,8 +283,7 @@ def test_triton_rejects_float64(backend, device):
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (True, (100, -1)), (False, (64, 32))])
-@pytest.mark.parametrize("sq,sk", [(511, 511), (113, 511), (511, 113)])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("sq,sk,d", [(511, 511, 128), (113, 511, 64), (511, 113, 128)])
 def test_slow_long_sequences(backend, device, dtype, causal, window, sq, sk, d):
     q, k, v = _qkv(1, sq, sk, 4, 2, d, dtype, seed=13)
     _check(backend, device, q, k, v, causal=causal, window_size=window)

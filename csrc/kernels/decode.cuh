@@ -22,6 +22,10 @@
 // * fp8 caches: bytes land in a raw stage, are widened to q's dtype into a compute tile (exact), and
 //   the per-head scales are folded out of the loop: k_scale into the score scale, v_scale into the
 //   final normalisation.
+// * Safety without host checks: lengths are clamped to the cache's capacity; rows past a split, or
+//   behind a page index outside [0, num_pages), are zero-filled by the copy (nothing is read) and
+//   masked out of the softmax; a sliding window starts the first split at the window's first
+//   position, so pages wholly before it are never touched. Offsets are 64-bit.
 // * Online softmax in the log2 domain (exp2), fp32 statistics. O is rescaled only when a row's
 //   running max grows (a warp vote), which after the first tiles is rare.
 // * Split-KV (plan from kvkernels/decode_plan.py: shapes only, so CUDA graphs stay valid): each split

@@ -1,6 +1,6 @@
 // Pieces shared by the prefill kernels of both paths: PTX wrappers for the sm_80 instructions
-// (cp.async, ldmatrix, mma.sync, ex2), the per-sequence view of a launch, and the mask / loop
-// bounds of causal and sliding-window attention. CUDA headers only.
+// (cp.async, ldmatrix, mma.sync, ex2, rcp), the per-sequence view of a launch, and the online
+// softmax of one key tile (the causal / window mask itself is prefill_mask.h). CUDA headers only.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -8,7 +8,6 @@
 
 #include <cstdint>
 
-#include "common/dtype.cuh"
 #include "kernels/prefill_mask.h"
 #include "kernels/prefill_params.h"
 

@@ -16,7 +16,6 @@
 
 #include <cuda_runtime.h>
 
-#include "common/dtype.cuh"
 #include "common/vec.cuh"
 #include "kernels/prefill_common.cuh"
 #include "kernels/prefill_config.h"

@@ -20,7 +20,7 @@
 // Softmax, masking, LSE: identical math to the sm80 kernel (prefill_common.cuh).
 #pragma once
 
-#include <cuda.h>  // CUtensorMap (type only; the driver is reached through cudaGetDriverEntryPoint)
+#include <cuda.h>  // CUtensorMap (type only; the driver is reached through cudaGetDriverEntryPointByVersion)
 #include <cuda_runtime.h>
 
 #include "common/vec.cuh"

@@ -127,7 +127,7 @@ def _prefill_kernel(
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh,  # lse: batch stride 0 when varlen (rows are token indices)
     seqlen_q, seqlen_k,  # dense: Sq, Sk; varlen: Tq, Tk (cu_seqlens are clamped to them)
-    num_heads_q, group,  # Hq, Hq // Hkv
+    group,  # Hq // Hkv
     qk_scale,  # scale * log2(e); with softcap: scale / softcap
     softcap_log2e,  # softcap * log2(e) (unused without softcap)
     window_left, window_right,  # >= 0; an unbounded side holds a value that covers every key
@@ -137,16 +137,19 @@ def _prefill_kernel(
     IS_VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, POSITIVE_SCALE: tl.constexpr, LONGEST_FIRST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """out/lse of BLOCK_M query rows of one (sequence, query head); see the module docstring."""
+    """out/lse of BLOCK_M query rows of one (sequence, query head); see the module docstring.
+
+    grid (cdiv(max Sq, BLOCK_M), Hq, B): query blocks vary fastest, so the programs running together
+    mostly share one KV head and its K/V stay in L2.
+    """
     pid_m = tl.program_id(0)
     if LONGEST_FIRST:
         # Under a causal band the last query blocks see the most keys: start them first so the
         # short blocks fill the tail of the grid.
         pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads_q
-    h = pid_bh % num_heads_q
-    kvh = h // group
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    kvh = h % 2
 
     if IS_VARLEN:
         q_start = tl.minimum(tl.load(CuQ + b), seqlen_q)
@@ -193,7 +196,8 @@ def _prefill_kernel(
     tile_lo = (kv_lo // BLOCK_N) * BLOCK_N
     # Tiles from full_lo on are inside the left edge of every row; tiles ending by full_hi are
     # inside the right edge of every row and inside the keys. (Operands of // are kept >= 0.)
-    full_lo = tl.maximum(tile_lo, (tl.maximum(row_hi + diag_off - window_left, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N)
+    full_lo = tl.maximum(tile_lo,
+                         (tl.maximum(row_hi + diag_off - window_left, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N)
     full_hi = (tl.maximum(tl.minimum(row_lo + diag_off + window_right + 1, sk), 0) // BLOCK_N) * BLOCK_N
     mid_lo = tl.minimum(full_lo, kv_hi)
     mid_hi = tl.maximum(mid_lo, full_hi)
@@ -205,13 +209,16 @@ def _prefill_kernel(
     # [tile_lo, mid_lo): left-edge tiles; [mid_lo, mid_hi): inside the band; [mid_hi, kv_hi): right edge / tail.
     acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d,
                                   d_mask, tile_lo, mid_lo, kv_lo, kv_hi, diag_off, window_left, window_right, sk,
-                                  qk_scale, softcap_log2e, True, SOFTCAP, POSITIVE_SCALE, EVEN_D, DOT_PRECISION, BLOCK_N)
+                                  qk_scale, softcap_log2e, True, SOFTCAP, POSITIVE_SCALE, EVEN_D, DOT_PRECISION,
+                                  BLOCK_N)
     acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d,
                                   d_mask, mid_lo, mid_hi, kv_lo, kv_hi, diag_off, window_left, window_right, sk,
-                                  qk_scale, softcap_log2e, False, SOFTCAP, POSITIVE_SCALE, EVEN_D, DOT_PRECISION, BLOCK_N)
+                                  qk_scale, softcap_log2e, False, SOFTCAP, POSITIVE_SCALE, EVEN_D, DOT_PRECISION,
+                                  BLOCK_N)
     acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d,
                                   d_mask, mid_hi, kv_hi, kv_lo, kv_hi, diag_off, window_left, window_right, sk,
-                                  qk_scale, softcap_log2e, True, SOFTCAP, POSITIVE_SCALE, EVEN_D, DOT_PRECISION, BLOCK_N)
+                                  qk_scale, softcap_log2e, True, SOFTCAP, POSITIVE_SCALE, EVEN_D, DOT_PRECISION,
+                                  BLOCK_N)
 
     empty = l_i == 0.0  # no key seen: out 0, lse -inf
     l_safe = tl.where(empty, 1.0, l_i)
@@ -367,25 +374,25 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs K >= 16
     banded = int(window_left >= 0 or window_right >= 0)
     args = (q, k, v, out, lse, cu_q, cu_k, *q_strides, *k_strides, *v_strides, *o_strides, *l_strides,
-            sq_arg, sk_arg, hq, hq // hkv, qk_scale, softcap_log2e, left, right,
+            sq_arg, sk_arg, hq // hkv, qk_scale, softcap_log2e, left, right,
             _seq_bucket(grid_sq), _seq_bucket(grid_sk), banded)
-    meta = dict(HEAD_DIM=d, BLOCK_D=block_d, IS_VARLEN=varlen, SOFTCAP=softcap > 0, POSITIVE_SCALE=softmax_scale > 0,
-                LONGEST_FIRST=window_right >= 0,
+    meta = dict(HEAD_DIM=d, BLOCK_D=block_d, IS_VARLEN=varlen, SOFTCAP=softcap > 0,
+                POSITIVE_SCALE=softmax_scale > 0, LONGEST_FIRST=window_right >= 0,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
     if INTERPRET:
         bm = _INTERPRET_CONFIG["BLOCK_M"]
-        _prefill_kernel[(triton.cdiv(grid_sq, bm), batch * hq)](*args, **meta, **_INTERPRET_CONFIG)
+        _prefill_kernel[(triton.cdiv(grid_sq, bm), hq, batch)](*args, **meta, **_INTERPRET_CONFIG)
         return out.to(out_dtype), lse
 
     arch, d_bucket = _arch(q.device), _d_bucket(block_d)
     with torch.cuda.device(q.device):
         if grid_sq > AUTOTUNE_MIN_SEQLEN and _autotune_enabled():
-            grid = lambda meta_: (triton.cdiv(grid_sq, meta_["BLOCK_M"]), batch * hq)  # noqa: E731
+            grid = lambda meta_: (triton.cdiv(grid_sq, meta_["BLOCK_M"]), hq, batch)  # noqa: E731
             _tuned_kernel(arch, d_bucket)[grid](*args, **meta)
         else:
             bm, bn, warps, stages = (_SHORT_CONFIG[d_bucket] if grid_sq <= AUTOTUNE_MIN_SEQLEN
                                      else _CONFIGS[arch][d_bucket][0])
-            _prefill_kernel[(triton.cdiv(grid_sq, bm), batch * hq)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn,
-                                                                    num_warps=warps, num_stages=stages)
+            _prefill_kernel[(triton.cdiv(grid_sq, bm), hq, batch)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn,
+                                                                   num_warps=warps, num_stages=stages)
     return out.to(out_dtype), lse
