@@ -149,7 +149,7 @@ def _prefill_kernel(
         pid_m = tl.num_programs(0) - 1 - pid_m
     h = tl.program_id(1)
     b = tl.program_id(2)
-    kvh = h % 2
+    kvh = h // group
 
     if IS_VARLEN:
         q_start = tl.minimum(tl.load(CuQ + b), seqlen_q)
