@@ -19,20 +19,37 @@ def build_info() -> dict | None:
         return None
 
 
+def find_cuobjdump() -> str | None:
+    """cuobjdump from PATH, the CUDA toolkit, or the Triton wheel (which ships one)."""
+    import shutil
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    candidates = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump")]
+    try:
+        import triton
+        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    return next((c for c in candidates if os.access(c, os.X_OK)), None)
+
+
 def extension_archs() -> list[str]:
-    """SASS architectures actually inside the built extension (from its fatbinary)."""
+    """SASS architectures actually inside the built extension (cuobjdump --list-elf), or []."""
+    import re
+    import subprocess
+
     from .cuda import available
-    if not available():
+    tool = find_cuobjdump()
+    if not available() or tool is None:
         return []
     import kvkernels._C as ext
     try:
-        with open(ext.__file__, "rb") as f:
-            data = f.read()
-    except OSError:
+        listing = subprocess.run([tool, "--list-elf", ext.__file__], capture_output=True, text=True,
+                                 timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
         return []
-    import re
-    found = sorted({m.decode() for m in re.findall(rb"sm_\d+a?", data)})
-    return found
+    return sorted(set(re.findall(r"\.(sm_\d+a?)\.cubin", listing)))
 
 
 def collect() -> dict:

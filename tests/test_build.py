@@ -15,12 +15,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import shutil
 import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
 
 import pytest
+
+from kvkernels.info import find_cuobjdump
 
 pytestmark = pytest.mark.build
 
@@ -53,20 +54,9 @@ def _extension_path() -> str | None:
     return spec.origin if spec is not None and spec.origin and os.path.exists(spec.origin) else None
 
 
-def _cuobjdump() -> str | None:
-    try:
-        import triton
-        path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        if os.access(path, os.X_OK):
-            return path
-    except ImportError:
-        pass
-    return shutil.which("cuobjdump")
-
-
 @lru_cache(maxsize=None)
 def _dump(flag: str) -> str:
-    so, tool = _extension_path(), _cuobjdump()
+    so, tool = _extension_path(), find_cuobjdump()
     if so is None:
         pytest.skip("kvkernels._C is not built (python setup.py build_ext --inplace)")
     if tool is None:
