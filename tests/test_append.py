@@ -416,11 +416,11 @@ def test_cuda_declines_misaligned_layouts_and_auto_falls_back_to_triton():
 
 def test_cuda_layout_rules():
     """The alignment gate in front of the CUDA kernels (pure metadata: runs without a GPU)."""
-    from kvkernels.cuda.append import _layout_reason
+    from kvkernels.cuda import layout_reason
 
     x = torch.zeros(4, 3, 2, 64, dtype=torch.float16)
-    assert _layout_reason("k", x) is None
-    assert _layout_reason("k", x[:, :, :, 8:]) is None          # offset of 16 bytes
-    assert "aligned" in _layout_reason("k", x[:, :, :, 1:])      # offset of 2 bytes
-    assert "stride" in _layout_reason("k", x[..., :60].contiguous().view(4, 3, 2, 60)[:, :, :, :56])
-    assert _layout_reason("k", x[:, :1].expand(4, 1, 2, 64)) is None  # size-1 dims: stride unused
+    assert layout_reason("k", x) is None
+    assert layout_reason("k", x[:, :, :, 8:]) is None          # offset of 16 bytes
+    assert "aligned" in layout_reason("k", x[:, :, :, 1:])      # offset of 2 bytes
+    assert "stride" in layout_reason("k", x[..., :60].contiguous().view(4, 3, 2, 60)[:, :, :, :56])
+    assert layout_reason("k", x[:, :1].expand(4, 1, 2, 64)) is None  # size-1 dims: stride unused

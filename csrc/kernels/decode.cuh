@@ -40,6 +40,7 @@
 
 #include <cstdint>
 
+#include "common/ptx.cuh"
 #include "kernels/decode_params.h"
 #include "kernels/decode_util.cuh"
 
@@ -277,7 +278,7 @@ __global__ void __launch_bounds__(kThreads, 2) kvk_decode_kernel(const __grid_co
   const int num_tiles = (n + kT - 1) / kT;
 
   // ---- shared memory
-  const uint32_t smem_base = smem_addr(smem);
+  const uint32_t smem_base = smem_u32(smem);
   const uint32_t k_stages = smem_base;
   const uint32_t v_stages = smem_base + kS * Tr::kStageBytes;
   unsigned char* const widened = smem + 2 * kS * Tr::kStageBytes;  // fp8: K tile, then V tile
@@ -335,8 +336,8 @@ __global__ void __launch_bounds__(kThreads, 2) kvk_decode_kernel(const __grid_co
       widen_tile<T, D, kT>(smem + st * Tr::kStageBytes, widened, tid);
       widen_tile<T, D, kT>(smem + kS * Tr::kStageBytes + st * Tr::kStageBytes, widened + Tr::kTileBytes, tid);
       __syncthreads();
-      k_tile = smem_addr(widened);
-      v_tile = smem_addr(widened + Tr::kTileBytes);
+      k_tile = smem_u32(widened);
+      v_tile = smem_u32(widened + Tr::kTileBytes);
     } else {
       k_tile = k_stages + st * Tr::kStageBytes;
       v_tile = v_stages + st * Tr::kStageBytes;
@@ -356,8 +357,8 @@ __global__ void __launch_bounds__(kThreads, 2) kvk_decode_kernel(const __grid_co
         for (int ks = 0; ks < D / 16; ++ks) {
           uint32_t kb[4];
           ldmatrix_x4(kb, k_tile + swizzle<D>(krow, 2 * ks + ((lane >> 3) & 1)));
-          mma_16816<T>(s[0], qa[ks], kb[0], kb[1]);
-          mma_16816<T>(s[1], qa[ks], kb[2], kb[3]);
+          mma_m16n8k16<T>(s[0], qa[ks], kb[0], kb[1]);
+          mma_m16n8k16<T>(s[1], qa[ks], kb[2], kb[3]);
         }
       }
 
@@ -430,8 +431,8 @@ __global__ void __launch_bounds__(kThreads, 2) kvk_decode_kernel(const __grid_co
       for (int np = 0; np < kOTiles / 2; ++np) {
         uint32_t vb[4];
         ldmatrix_x4_trans(vb, v_tile + swizzle<D>(vrow, dg * (Tr::kDimsPerWarp / 8) + 2 * np + (lane >> 4)));
-        mma_16816<T>(o[2 * np], pa, vb[0], vb[1]);
-        mma_16816<T>(o[2 * np + 1], pa, vb[2], vb[3]);
+        mma_m16n8k16<T>(o[2 * np], pa, vb[0], vb[1]);
+        mma_m16n8k16<T>(o[2 * np + 1], pa, vb[2], vb[3]);
       }
     }
   }

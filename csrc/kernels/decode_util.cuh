@@ -1,6 +1,6 @@
-// Building blocks of the decode kernels: PTX wrappers for the sm_80 instructions they use
-// (cp.async, ldmatrix, mma.sync m16n8k16, ex2) and the fp8 e4m3 -> fp16/bf16 widening of a
-// 16-byte cache vector. CUDA headers only.
+// Building blocks of the decode kernels: the fp8 e4m3 -> fp16/bf16 widening of a 16-byte cache
+// vector, plus (through common/ptx.cuh) the PTX wrappers they share with prefill (cp.async,
+// ldmatrix, mma.sync m16n8k16, ex2). CUDA headers only.
 //
 // The fp8 widening is __host__ __device__ (below sm_89 it is integer code plus one fp16 multiply),
 // so tests/test_decode_cuda.py compiles it for the host and checks it against torch for all 256
@@ -12,6 +12,7 @@
 
 #include <cstdint>
 
+#include "common/ptx.cuh"
 #include "kernels/decode_params.h"  // KVK_DECODE_HD
 
 namespace kvk {
@@ -82,88 +83,6 @@ __device__ __forceinline__ void widen_e4m3x16<__nv_bfloat16>(const uint4& in, ui
   }
   lo = make_uint4(dst[0], dst[1], dst[2], dst[3]);
   hi = make_uint4(dst[4], dst[5], dst[6], dst[7]);
-}
-
-// ------------------------------------------------------------------------------ PTX wrappers
-
-__device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
-
-// 16-byte global -> shared copy, bypassing L1 (K/V bytes are read once). valid == false reads
-// nothing (src-size 0) and writes 16 zero bytes: rows past the end of a split, or behind an invalid
-// page index, become zeros, never whatever the address would have held.
-__device__ __forceinline__ void cp_async_16(uint32_t smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0)
-               : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
-// Until at most N of this thread's committed groups are in flight.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-// Four 8x8 b16 matrices; lane l gives the address of row l % 8 of matrix l / 8.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t smem) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem));
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t smem) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem));
-}
-
-// d (16x8 fp32) += a (16x16 row-major) * b (16x8 column-major), fp16 or bf16 operands.
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                         uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// 2^x, hardware approximation (relative error ~2^-22, far below the fp16/bf16 rounding of P);
-// 2^-inf = +0, which is how masked scores become probability 0.
-__device__ __forceinline__ float exp2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// Two fp32 -> two 16-bit values of T in one register (round to nearest even), lo in bits 0..15.
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  const __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
-
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&h);
 }
 
 }  // namespace decode

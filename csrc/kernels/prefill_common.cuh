@@ -1,6 +1,6 @@
-// Pieces shared by the prefill kernels of both paths: PTX wrappers for the sm_80 instructions
-// (cp.async, ldmatrix, mma.sync, ex2, rcp), the per-sequence view of a launch, and the online
-// softmax of one key tile (the causal / window mask itself is prefill_mask.h). CUDA headers only.
+// Pieces shared by the prefill kernels of both paths: the per-sequence view of a launch and the
+// online softmax of one key tile (the causal / window mask itself is prefill_mask.h). The PTX
+// wrappers (cp.async, ldmatrix, mma.sync, ex2, rcp) are common/ptx.cuh. CUDA headers only.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -8,105 +8,21 @@
 
 #include <cstdint>
 
+#include "common/ptx.cuh"
 #include "kernels/prefill_mask.h"
 #include "kernels/prefill_params.h"
 
 namespace kvk {
 namespace prefill {
 
-// ------------------------------------------------------------------------------ PTX wrappers
-
-__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
-
-// 16-byte global -> shared copy that bypasses L1 (.cg: K/V tiles are read once per block).
-// valid == false writes 16 zero bytes and reads nothing (src-size 0), which is how rows past the
-// end of a sequence become zeros instead of whatever follows in memory.
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
-  const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem),
-               "r"(src_bytes)
-               : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
-// Wait until at most N of this thread's committed groups are still in flight.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-// Four 8x8 b16 matrices; lane l supplies the row address of matrix l / 8, row l % 8.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(smem)));
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(smem)));
-}
-
-// D (16x8 fp32) += A (16x16, row) * B (16x8, col), fp16 or bf16 inputs.
-template <typename T>
-__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-
-template <>
-__device__ __forceinline__ void mma_m16n8k16<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                     uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-template <>
-__device__ __forceinline__ void mma_m16n8k16<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                            uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// 2^x with the hardware approximation (rel. error ~2^-22, far below the fp16/bf16 rounding of P);
-// 2^-inf = +0, which is how masked scores become probability 0.
-__device__ __forceinline__ float exp2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
+// ------------------------------------------------------------------------------ math
 
 // tanh(x) = 1 - 2 / (e^(2x) + 1) from the two approximate MUFU ops. Absolute error ~1e-7
 // (e^(2x) -> inf gives 1, -> 0 gives -1): times a softcap of ~50 that stays far below the fp16 /
 // bf16 rounding of a logit, and it is a handful of instructions where libdevice's tanhf is ~40.
 __device__ __forceinline__ float tanh_approx(float x) {
   const float e = exp2_approx(x * 2.8853900817779268f);  // 2 * log2(e)
-  float r;
-  asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(e + 1.0f));
-  return 1.0f - 2.0f * r;
-}
-
-// Two fp32 -> one register of two 16-bit values (round to nearest even); lo in bits 0..15.
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
-
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&h);
+  return 1.0f - 2.0f * rcp_approx(e + 1.0f);
 }
 
 // ------------------------------------------------------------------------- sequence + mask

@@ -16,6 +16,7 @@
 
 #include <cuda_runtime.h>
 
+#include "common/ptx.cuh"
 #include "common/vec.cuh"
 #include "kernels/prefill_common.cuh"
 #include "kernels/prefill_config.h"

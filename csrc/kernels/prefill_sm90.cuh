@@ -23,6 +23,7 @@
 #include <cuda.h>  // CUtensorMap (type only; the driver is reached through cudaGetDriverEntryPointByVersion)
 #include <cuda_runtime.h>
 
+#include "common/ptx.cuh"
 #include "common/vec.cuh"
 #include "kernels/prefill_common.cuh"
 #include "kernels/prefill_config.h"

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "common/ptx.cuh"
 #include "kernels/prefill_common.cuh"
 
 namespace kvk {

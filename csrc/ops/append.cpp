@@ -15,32 +15,15 @@
 #include <torch/library.h>
 
 #include "launch/append.h"
+#include "ops/checks.h"
 
 namespace kvk {
 namespace {
 
 using at::Tensor;
 
-bool is_aligned_16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
-
-// Every dimension but the last: a stride that keeps 16-byte alignment (or a size of 1, whose stride
-// is never used); the last dimension is contiguous.
-void check_vector_layout(const char* name, const Tensor& t) {
-  if (t.numel() == 0) return;  // nothing is read or written
-  const int64_t elem = t.element_size();
-  TORCH_CHECK(t.size(-1) == 1 || t.stride(-1) == 1, name, " must be contiguous in its last dimension, got strides ",
-              t.strides());
-  TORCH_CHECK(is_aligned_16(t), name, " must start at a 16-byte aligned address");
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
-    TORCH_CHECK(t.size(d) == 1 || (t.stride(d) * elem) % 16 == 0, name, ": stride ", t.stride(d), " of dim ", d,
-                " is not a multiple of 16 bytes");
-  }
-}
-
-void check_cuda(const char* name, const Tensor& t, const Tensor& like) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
-  TORCH_CHECK(t.device() == like.device(), name, " is on ", t.device(), ", expected ", like.device());
-}
+// The append messages name only the argument (the raw ops are append_kv and append_kv_slots).
+constexpr char kOp[] = "";
 
 AppendSource source_kind(const Tensor& src, const Tensor& cache) {
   if (src.scalar_type() == cache.scalar_type()) return AppendSource::kCopy;
@@ -65,7 +48,7 @@ void set_scale(const char* name, const std::optional<Tensor>& scale, bool quanti
   }
   TORCH_CHECK(scale.has_value(), name, " is required with a float8_e4m3fn cache (fp32 [Hkv])");
   const Tensor& s = *scale;
-  check_cuda(name, s, cache);
+  check_device(kOp, name, s, cache);
   TORCH_CHECK(s.scalar_type() == at::kFloat, name, " must be float32, got ", s.scalar_type());
   TORCH_CHECK(s.dim() == 1 && s.size(0) == cache.size(2), name, " must have shape [Hkv = ", cache.size(2), "], got ",
               s.sizes());
@@ -89,9 +72,9 @@ AppendSource fill_common(AppendParams& p, const Tensor& k, const Tensor& v, cons
   TORCH_CHECK(k.scalar_type() == v.scalar_type(), "k and v dtypes differ");
   TORCH_CHECK(k.size(-1) == k_cache.size(3) && k.size(-2) == k_cache.size(2), "k/v rows [Hkv, D] = ",
               k.sizes().slice(k.dim() - 2), " do not match the cache's ", k_cache.sizes().slice(2));
-  check_cuda("k", k, k_cache);
-  check_cuda("v", v, k_cache);
-  check_cuda("v_cache", v_cache, k_cache);
+  check_device(kOp, "k", k, k_cache);
+  check_device(kOp, "v", v, k_cache);
+  check_device(kOp, "v_cache", v_cache, k_cache);
 
   const AppendSource source = source_kind(k, k_cache);
   const bool copy = source == AppendSource::kCopy;
@@ -99,10 +82,10 @@ AppendSource fill_common(AppendParams& p, const Tensor& k, const Tensor& v, cons
   const int64_t row_bytes = head_dim * k_cache.element_size();
   TORCH_CHECK(row_bytes % 16 == 0, "head dim ", head_dim, " of ", k_cache.scalar_type(),
               " is not a whole number of 16-byte vectors");
-  check_vector_layout("k", k);
-  check_vector_layout("v", v);
-  check_vector_layout("k_cache", k_cache);
-  check_vector_layout("v_cache", v_cache);
+  check_vector_layout(kOp, "k", k);
+  check_vector_layout(kOp, "v", v);
+  check_vector_layout(kOp, "k_cache", k_cache);
+  check_vector_layout(kOp, "v_cache", v_cache);
 
   const int64_t batch = k.size(0);
   const int64_t seq_new = slots ? 1 : k.size(1);
@@ -155,7 +138,7 @@ void append_kv(const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_cach
                const std::optional<Tensor>& v_scale) {
   AppendParams p{};
   const AppendSource source = fill_common(p, k, v, k_cache, v_cache, k_scale, v_scale, /*slots=*/false);
-  check_cuda("cache_seqlens", cache_seqlens, k_cache);
+  check_device(kOp, "cache_seqlens", cache_seqlens, k_cache);
   TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1 &&
                   cache_seqlens.size(0) == k.size(0),
               "cache_seqlens must be int32 [B = ", k.size(0), "], got ", cache_seqlens.scalar_type(), " ",
@@ -165,7 +148,7 @@ void append_kv(const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_cach
   AppendMode mode = AppendMode::kContiguous;
   if (block_table.has_value()) {
     const Tensor& bt = *block_table;
-    check_cuda("block_table", bt, k_cache);
+    check_device(kOp, "block_table", bt, k_cache);
     TORCH_CHECK(bt.scalar_type() == at::kInt && bt.dim() == 2 && bt.size(0) == k.size(0),
                 "block_table must be int32 [B = ", k.size(0), ", max_pages], got ", bt.scalar_type(), " ", bt.sizes());
     mode = AppendMode::kPaged;
@@ -185,7 +168,7 @@ void append_kv_slots(const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& 
                      const std::optional<Tensor>& k_scale, const std::optional<Tensor>& v_scale) {
   AppendParams p{};
   const AppendSource source = fill_common(p, k, v, k_cache, v_cache, k_scale, v_scale, /*slots=*/true);
-  check_cuda("slot_mapping", slot_mapping, k_cache);
+  check_device(kOp, "slot_mapping", slot_mapping, k_cache);
   const bool int64 = slot_mapping.scalar_type() == at::kLong;
   TORCH_CHECK((int64 || slot_mapping.scalar_type() == at::kInt) && slot_mapping.dim() == 1 &&
                   slot_mapping.size(0) == k.size(0),

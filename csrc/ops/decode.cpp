@@ -17,33 +17,17 @@
 #include <torch/library.h>
 
 #include "launch/decode.h"
+#include "ops/checks.h"
 
 namespace kvk {
 namespace {
 
 using at::Tensor;
 
+constexpr char kOp[] = "decode: ";  // prefix of the messages of the shared checks (ops/checks.h)
+
 // Positions are int32 in the kernel, with a tile of slack past the capacity.
 constexpr int64_t kMaxCapacity = int64_t{1} << 30;
-
-void check_device(const char* name, const Tensor& t, const Tensor& q) {
-  TORCH_CHECK(t.is_cuda(), "decode: ", name, " must be a CUDA tensor, got ", t.device());
-  TORCH_CHECK(t.device() == q.device(), "decode: ", name, " is on ", t.device(), ", expected ", q.device());
-}
-
-// 16-byte vector access: aligned start, contiguous last dimension, every other stride (of a dimension
-// longer than 1) a multiple of 16 bytes.
-void check_vector_layout(const char* name, const Tensor& t) {
-  const int64_t elem = t.element_size();
-  TORCH_CHECK(t.size(-1) == 1 || t.stride(-1) == 1, "decode: ", name,
-              " must be contiguous in its last dimension, got strides ", t.strides());
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 || t.numel() == 0, "decode: ", name,
-              " must start at a 16-byte aligned address");
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
-    TORCH_CHECK(t.size(d) == 1 || (t.stride(d) * elem) % 16 == 0, "decode: ", name, ": stride ", t.stride(d),
-                " of dim ", d, " is not a multiple of 16 bytes");
-  }
-}
 
 DecodeDType dtype_of(const char* name, const Tensor& t, bool allow_fp8) {
   switch (t.scalar_type()) {
@@ -69,7 +53,7 @@ void set_scale(const char* name, const std::optional<Tensor>& scale, bool fp8, c
   }
   TORCH_CHECK(scale.has_value(), "decode: ", name, " is required with a float8_e4m3fn cache (fp32 [Hkv])");
   const Tensor& s = *scale;
-  check_device(name, s, q);
+  check_device(kOp, name, s, q);
   TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 1 && s.size(0) == hkv, "decode: ", name,
               " must be float32 [Hkv = ", hkv, "] (stride 0 for one scale per tensor), got ", s.scalar_type(), " ",
               s.sizes());
@@ -93,12 +77,12 @@ void decode(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "decode: k_cache and v_cache shapes differ: ", k_cache.sizes(),
               " vs ", v_cache.sizes());
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "decode: k_cache and v_cache dtypes differ");
-  check_device("q", q, q);
-  check_device("k_cache", k_cache, q);
-  check_device("v_cache", v_cache, q);
-  check_device("cache_seqlens", cache_seqlens, q);
-  check_device("out", out, q);
-  check_device("lse", lse, q);
+  check_device(kOp, "q", q, q);
+  check_device(kOp, "k_cache", k_cache, q);
+  check_device(kOp, "v_cache", v_cache, q);
+  check_device(kOp, "cache_seqlens", cache_seqlens, q);
+  check_device(kOp, "out", out, q);
+  check_device(kOp, "lse", lse, q);
 
   const DecodeDType q_dtype = dtype_of("q", q, /*allow_fp8=*/false);
   const DecodeDType cache_dtype = dtype_of("k_cache", k_cache, /*allow_fp8=*/true);
@@ -119,17 +103,17 @@ void decode(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 2 && lse.size(0) == batch && lse.size(1) == hq,
               "decode: lse must be float32 [B, Hq] = [", batch, ", ", hq, "], got ", lse.scalar_type(), " ",
               lse.sizes());
-  check_vector_layout("q", q);
-  check_vector_layout("out", out);
-  check_vector_layout("k_cache", k_cache);
-  check_vector_layout("v_cache", v_cache);
+  check_vector_layout(kOp, "q", q);
+  check_vector_layout(kOp, "out", out);
+  check_vector_layout(kOp, "k_cache", k_cache);
+  check_vector_layout(kOp, "v_cache", v_cache);
 
   DecodeParams p{};
   const bool paged = block_table.has_value();
   int64_t capacity;
   if (paged) {
     const Tensor& bt = *block_table;
-    check_device("block_table", bt, q);
+    check_device(kOp, "block_table", bt, q);
     TORCH_CHECK(bt.scalar_type() == at::kInt && bt.dim() == 2 && bt.size(0) == batch,
                 "decode: block_table must be int32 [B = ", batch, ", max_pages], got ", bt.scalar_type(), " ",
                 bt.sizes());
@@ -158,8 +142,8 @@ void decode(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const
               " tokens do not cover the ", attended, " positions a sequence may attend");
   TORCH_CHECK(batch * hkv * num_splits <= INT32_MAX, "decode: too many blocks (B * Hkv * num_splits)");
   if (num_splits > 1) {
-    check_device("workspace_out", workspace_out, q);
-    check_device("workspace_lse", workspace_lse, q);
+    check_device(kOp, "workspace_out", workspace_out, q);
+    check_device(kOp, "workspace_lse", workspace_lse, q);
     TORCH_CHECK(workspace_out.scalar_type() == at::kFloat && workspace_out.is_contiguous() &&
                     workspace_out.sizes() == at::IntArrayRef({num_splits, batch, hq, d}),
                 "decode: workspace_out must be contiguous float32 [", num_splits, ", ", batch, ", ", hq, ", ", d,

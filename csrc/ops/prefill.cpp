@@ -27,33 +27,17 @@
 #include "kernels/prefill_config.h"
 #include "kernels/prefill_mask.h"
 #include "launch/prefill.h"
+#include "ops/checks.h"
 
 namespace kvk {
 namespace {
 
 using at::Tensor;
 
+constexpr char kOp[] = "prefill: ";  // prefix of the messages of the shared checks (ops/checks.h)
+
 constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
 constexpr int64_t kMaxGridYZ = 65535;
-
-void check_device(const char* name, const Tensor& t, const Tensor& q) {
-  TORCH_CHECK(t.is_cuda(), "prefill: ", name, " must be a CUDA tensor, got ", t.device());
-  TORCH_CHECK(t.device() == q.device(), "prefill: ", name, " is on ", t.device(), ", expected ", q.device());
-}
-
-// cp.async / TMA move 16-byte chunks: aligned start, contiguous last dimension, every other stride
-// (of a dimension longer than 1) a multiple of 8 elements.
-void check_vector_layout(const char* name, const Tensor& t) {
-  if (t.numel() == 0) return;
-  TORCH_CHECK(t.size(-1) == 1 || t.stride(-1) == 1, "prefill: ", name,
-              " must be contiguous in its last dimension, got strides ", t.strides());
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "prefill: ", name,
-              " must start at a 16-byte aligned address");
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
-    TORCH_CHECK(t.size(d) == 1 || (t.stride(d) * t.element_size()) % 16 == 0, "prefill: ", name, ": stride ",
-                t.stride(d), " of dim ", d, " is not a multiple of 16 bytes");
-  }
-}
 
 // TMA tensor maps need a non-zero stride along every dimension that is stepped along.
 bool tma_strides_ok(const Tensor& t) {
@@ -63,7 +47,7 @@ bool tma_strides_ok(const Tensor& t) {
 }
 
 void check_cu_seqlens(const char* name, const Tensor& cu, const Tensor& q) {
-  check_device(name, cu, q);
+  check_device(kOp, name, cu, q);
   TORCH_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.size(0) >= 1 && cu.stride(0) == 1, "prefill: ",
               name, " must be a contiguous int32 [batch + 1] tensor, got ", cu.scalar_type(), " ", cu.sizes());
 }
@@ -94,10 +78,10 @@ void prefill_op(const Tensor& q, const Tensor& k, const Tensor& v, const std::op
               "-D and of one shape, got ", k.sizes(), " and ", v.sizes());
   TORCH_CHECK(cu_seqlens_q.has_value() == varlen && cu_seqlens_k.has_value() == varlen,
               "prefill: cu_seqlens_q/k are required with 3-D (varlen) q and not allowed with 4-D q");
-  check_device("k", k, q);
-  check_device("v", v, q);
-  check_device("out", out, q);
-  check_device("lse", lse, q);
+  check_device(kOp, "k", k, q);
+  check_device(kOp, "v", v, q);
+  check_device(kOp, "out", out, q);
+  check_device(kOp, "lse", lse, q);
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
               "prefill: q must be float16 or bfloat16, got ", q.scalar_type());
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
@@ -112,7 +96,7 @@ void prefill_op(const Tensor& q, const Tensor& k, const Tensor& v, const std::op
   TORCH_CHECK(hkv >= 1 && hq % hkv == 0, "prefill: Hq = ", hq, " must be a multiple of Hkv = ", hkv);
   TORCH_CHECK(hq <= kMaxGridYZ, "prefill: at most ", kMaxGridYZ, " query heads, got ", hq);
   for (const auto& [name, t] : {std::pair<const char*, const Tensor&>{"q", q}, {"k", k}, {"v", v}, {"out", out}})
-    check_vector_layout(name, t);
+    check_vector_layout(kOp, name, t);
   TORCH_CHECK(lse.size(-1) <= 1 || lse.stride(-1) == 1, "prefill: lse must be contiguous in its last dimension");
 
   PrefillParams p{};

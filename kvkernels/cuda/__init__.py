@@ -33,6 +33,22 @@ def has_op(name: str) -> bool:
     return available() and hasattr(torch.ops.kvkernels_C, name)
 
 
+def layout_reason(name: str, t: torch.Tensor) -> str | None:
+    """Why the kernels cannot read or write `t` as 16-byte vectors, or None if they can: its start
+    must be 16-byte aligned, its last dimension contiguous and every other stride (of a dimension
+    longer than 1) a multiple of 16 bytes. An empty tensor is never touched, so anything goes."""
+    if t.numel() == 0:
+        return None
+    if t.data_ptr() % 16:
+        return f"{name} does not start at a 16-byte aligned address"
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        return f"{name} is not contiguous in its last dimension"
+    for dim in range(t.dim() - 1):
+        if t.shape[dim] > 1 and (t.stride(dim) * t.element_size()) % 16:
+            return f"{name} stride {t.stride(dim)} of dim {dim} is not a multiple of 16 bytes"
+    return None
+
+
 _SUBMODULES = {"append": "append", "append_slots": "append", "decode": "decode", "prefill": "prefill"}
 
 

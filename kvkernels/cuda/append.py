@@ -16,27 +16,13 @@ from __future__ import annotations
 
 import torch
 
-from . import has_op
+from . import has_op, layout_reason
 
 _FP8 = (torch.float8_e4m3fn,)
 _FP8_SOURCES = (torch.float16, torch.bfloat16, torch.float32)
 _INT32_MAX = 2**31 - 1
 _THREADS = 128  # kAppendThreads in csrc/kernels/append.cuh
 _MAX_GRID_Y = 65535
-
-
-def _layout_reason(name: str, t: torch.Tensor) -> str | None:
-    if t.numel() == 0:
-        return None
-    elem = t.element_size()
-    if t.data_ptr() % 16:
-        return f"{name} does not start at a 16-byte aligned address"
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        return f"{name} is not contiguous in its last dimension"
-    for dim in range(t.dim() - 1):
-        if t.shape[dim] > 1 and (t.stride(dim) * elem) % 16:
-            return f"{name} stride {t.stride(dim)} of dim {dim} is not a multiple of 16 bytes"
-    return None
 
 
 def unsupported(op: str, *, k, k_cache, v=None, v_cache=None, **_) -> str | None:
@@ -57,7 +43,7 @@ def unsupported(op: str, *, k, k_cache, v=None, v_cache=None, **_) -> str | None
     if row_bytes % 16:
         return f"head dim {d} of {k_cache.dtype} is not a whole number of 16-byte vectors"
     for name, t in tensors.items():
-        reason = None if t is None else _layout_reason(name, t)
+        reason = None if t is None else layout_reason(name, t)
         if reason:
             return reason
     tokens = k.shape[0] * (k.shape[1] if op == "append" else 1)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .. import decode_plan
-from . import has_op
+from . import has_op, layout_reason
 
 _DTYPES = (torch.float16, torch.bfloat16)
 _FP8 = (torch.float8_e4m3fn,)
@@ -61,21 +61,8 @@ def workspace_shapes(split_plan: decode_plan.SplitPlan, batch: int, heads: int, 
     return (s, batch, heads, head_dim), (s, batch, heads)
 
 
-def _layout_reason(name: str, t: torch.Tensor) -> str | None:
-    if t.numel() == 0:
-        return None
-    if t.data_ptr() % 16:
-        return f"{name} does not start at a 16-byte aligned address"
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        return f"{name} is not contiguous in its last dimension"
-    for dim in range(t.dim() - 1):
-        if t.shape[dim] > 1 and (t.stride(dim) * t.element_size()) % 16:
-            return f"{name} stride {t.stride(dim)} of dim {dim} is not a multiple of 16 bytes"
-    return None
-
-
 def config_reason(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None = None,
-                  paged: bool = False) -> str | None:
+                  paged: bool = False, block_table: torch.Tensor | None = None) -> str | None:
     """Why the kernels cannot take these tensors (dtype, head dim, layout), device aside; None if they can."""
     if q.dtype not in _DTYPES:
         return f"the CUDA decode kernels take float16/bfloat16 queries, not {str(q.dtype).replace('torch.', '')}"
@@ -84,22 +71,23 @@ def config_reason(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor 
     d = q.shape[-1]
     if d not in _HEAD_DIMS:
         return f"head dim {d} is not one of {_HEAD_DIMS} (the CUDA decode kernels' template head dims)"
-    if not paged and k_cache.shape[1] >= _MAX_CAPACITY:
-        return f"a cache of {k_cache.shape[1]} positions per sequence is too large"
+    capacity = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
+    if (not paged or block_table is not None) and capacity >= _MAX_CAPACITY:
+        return f"a cache of {capacity} positions per sequence is too large"
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        reason = None if t is None else _layout_reason(name, t)
+        reason = None if t is None else layout_reason(name, t)
         if reason:
             return reason
     return None
 
 
-def unsupported(op: str, *, q, k_cache, v_cache=None, paged=False, **_) -> str | None:
+def unsupported(op: str, *, q, k_cache, v_cache=None, paged=False, block_table=None, **_) -> str | None:
     if not has_op("decode"):
         return "this build of the extension has no decode kernel"
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t is not None and t.device.type != "cuda":
             return f"{name} is on {t.device}, the CUDA kernels need CUDA tensors"
-    return config_reason(q, k_cache, v_cache, paged)
+    return config_reason(q, k_cache, v_cache, paged, block_table)
 
 
 def decode(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_left, softcap, k_scale, v_scale,

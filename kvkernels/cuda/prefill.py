@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from . import has_op
+from . import has_op, layout_reason
 
 HEAD_DIMS = (64, 128, 256)
 PATH_SM80 = 80
@@ -147,19 +147,6 @@ def path_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int | None:
 # ------------------------------------------------------------------------------- unsupported
 
 
-def _layout_reason(name: str, t: torch.Tensor) -> str | None:
-    if t.numel() == 0:
-        return None
-    if t.data_ptr() % 16:
-        return f"{name} does not start at a 16-byte aligned address"
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        return f"{name} is not contiguous in its last dimension"
-    for dim in range(t.dim() - 1):
-        if t.shape[dim] > 1 and (t.stride(dim) * t.element_size()) % 16:
-            return f"{name} stride {t.stride(dim)} of dim {dim} is not a multiple of 16 bytes"
-    return None
-
-
 def config_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: bool) -> str | None:
     """Why the kernels cannot take these tensors (dtype, head dim, sizes, layout), device aside."""
     if q.dtype not in _DTYPES:
@@ -175,7 +162,7 @@ def config_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: boo
     if tokens > _MAX_TOKENS:
         return f"{tokens} query + key tokens is more than one launch takes ({_MAX_TOKENS})"
     for name, t in (("q", q), ("k", k), ("v", v)):
-        reason = _layout_reason(name, t)
+        reason = layout_reason(name, t)
         if reason:
             return reason
     return None
