@@ -322,7 +322,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, so
     V.cache_index_values(k_cache, cache_seqlens, block_table, extra=0)
 
     backend = resolve_backend("decode", backend, device, q=q, k_cache=k_cache, v_cache=v_cache,
-                              paged=block_table is not None, window_left=window_left, softcap=softcap)
+                              paged=block_table is not None, block_table=block_table, window_left=window_left,
+                              softcap=softcap)
     out, lse = torch.ops.kvkernels.decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, scale,
                                                     window_left, softcap, k_scale, v_scale, num_splits,
                                                     config.batch_invariant(), backend)

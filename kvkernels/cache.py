@@ -513,16 +513,19 @@ class PagedKVCache(KVCache):
             raise CacheFullError(f"the page pool is exhausted: {wanted} pages needed, {len(self._free)} free "
                                  f"(+{released} released by the window) of {self.num_pages}; free sequences "
                                  f"or build a larger cache")
-        changed_rows = []
-        for i, r, w in plan:
-            held = self._pages.setdefault(i, [])
+        # Two passes: every release before any allocation, since the check above counted pages that a
+        # sequence later in `ids` releases as available to one earlier in it.
+        for i, r, _ in plan:
             if r:
+                held = self._pages[i]
                 self._free.extend(reversed(held[:r]))
                 del held[:r]
                 self._dropped[i] += r * ps
                 self._lengths[i] -= r * ps
+        changed_rows = []
+        for i, r, w in plan:
             if w:
-                held.extend(self._free.pop() for _ in range(w))
+                self._pages.setdefault(i, []).extend(self._free.pop() for _ in range(w))
             self._lengths[i] += n
             if r or w:
                 changed_rows.append(i)

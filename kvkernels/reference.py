@@ -41,6 +41,9 @@ def _attend(q, k, v, scale, softcap, allowed):
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)  # [Sk, Hq, D]
     v = v.repeat_interleave(group, dim=1)
+    # A key no query may see is never read: its value (NaN or inf in an unused cache slot, say) has
+    # weight 0, and 0 * inf would be NaN.
+    v = v.masked_fill(~allowed.any(0)[:, None, None], 0.0)
     scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # [Hq, Sq, Sk]
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
