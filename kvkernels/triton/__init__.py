@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 
 import torch
 
+# Triton picks interpreted or compiled functions when it defines them, its own helpers included:
+# switching the interpreter on after `import triton` leaves those helpers compiled-only.
+_LATE = "triton" in sys.modules and "TRITON_INTERPRET" not in os.environ
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -25,6 +29,9 @@ def _device_reason(*tensors) -> str | None:
             continue
         if t.device.type == "cpu" and not INTERPRET:
             return ("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing kvkernels")
+        if t.device.type == "cpu" and _LATE:
+            return ("triton was imported before kvkernels without TRITON_INTERPRET=1, so its interpreter is "
+                    "incomplete; set TRITON_INTERPRET=1 or import kvkernels first")
         if t.device.type not in ("cpu", "cuda"):
             return f"tensors on {t.device.type} are not supported by Triton here"
     return None
