@@ -208,10 +208,14 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b):
     """
     md = _math_dtype(out_a, out_b, lse_a, lse_b)
     la, lb = lse_a.to(md), lse_b.to(md)
-    lse = torch.logaddexp(la, lb)
-    finite = torch.isfinite(lse)
-    safe = torch.where(finite, lse, torch.zeros_like(lse))
-    wa = torch.where(finite, torch.exp(la - safe), torch.zeros_like(lse)).unsqueeze(-1)
-    wb = torch.where(finite, torch.exp(lb - safe), torch.zeros_like(lse)).unsqueeze(-1)
-    out = wa * out_a.to(md) + wb * out_b.to(md)
+    # Weights relative to the larger lse (one of them is exactly 1), not to the rounded merged lse,
+    # which at |lse| ~ 1e4 would cost ~1e-3 relative in fp32.
+    m = torch.maximum(la, lb)
+    empty = torch.isneginf(m)
+    m = torch.where(empty, torch.zeros_like(m), m)
+    wa, wb = torch.exp(la - m), torch.exp(lb - m)  # exp(-inf) = 0 for an empty side
+    total = wa + wb
+    lse = torch.where(empty, torch.full_like(m, float("-inf")), m + torch.log(total))
+    denom = torch.where(empty, torch.ones_like(total), total).unsqueeze(-1)
+    out = (wa.unsqueeze(-1) * out_a.to(md) + wb.unsqueeze(-1) * out_b.to(md)) / denom
     return out.to(out_a.dtype), lse.to(torch.float32 if md == torch.float32 else md)

@@ -384,8 +384,9 @@ def test_merge_with_an_empty_side_and_large_lse():
     assert torch.equal(out, empty_out) and torch.isneginf(lse).all()
     out, lse = kvkernels.merge_attention_states(out_a[:0], lse_a[:0], out_b[:0], lse_b[:0])  # B = 0
     assert out.shape == (0, HQ, D) and lse.shape == (0, HQ)
-    # lse near 1e4 on both sides: no exp(1e4) overflow, and the result is as exact as fp32 lse values
-    # of that size allow (one ulp is ~1e-3 there, a relative error of the weights of that size).
+    # lse near 1e4 on both sides: no exp(1e4) overflow. The weights come from differences of the two
+    # lse values (exact in fp32 when they are close), so out is exact to a few fp32 epsilons; the
+    # merged lse itself is an fp32 number near 1e4, exact to its ulp (~1e-3 there).
     out, lse = kvkernels.merge_attention_states(out_a, lse_a, out_b, lse_b)
     la, lb = lse_a.double(), lse_b.double()
     want_lse = torch.logaddexp(la, lb)
@@ -393,7 +394,7 @@ def test_merge_with_an_empty_side_and_large_lse():
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     ulp = torch.finfo(torch.float32).eps * 2.0 ** math.floor(math.log2(want_lse.abs().max().item()))  # fp32
     scale = max(out_a.abs().max().item(), out_b.abs().max().item())
-    torch.testing.assert_close(out.double(), want, atol=2 * ulp * scale, rtol=0)
+    torch.testing.assert_close(out.double(), want, atol=8 * torch.finfo(torch.float32).eps * scale, rtol=0)
     torch.testing.assert_close(lse.double(), want_lse, atol=2 * ulp, rtol=0)
 
 
