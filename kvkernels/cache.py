@@ -167,6 +167,16 @@ class KVCache:
         if seq_id not in self._live:
             raise KeyError(f"sequence {seq_id!r} is not allocated in this cache")
 
+    def _advance_lengths(self, ids, n: int, b: Optional[SeqBatch] = None) -> None:
+        """cache_seqlens[ids] += n on the device (no host sync)."""
+        if b is None:
+            b = self.batch(ids)
+        if b.rows is None:
+            self.cache_seqlens[: len(b.ids)] += n
+        else:
+            self.cache_seqlens.index_add_(0, b.rows, torch.full((len(b.ids),), n, dtype=torch.int32,
+                                                                device=self.device))
+
     def batch(self, seq_ids: Union[Iterable[int], SeqBatch]) -> SeqBatch:
         """A reusable batch handle: its row indices are uploaded once, then every step is host-sync free."""
         if isinstance(seq_ids, SeqBatch):
@@ -396,13 +406,7 @@ class ContiguousKVCache(KVCache):
         for i in ids:
             self._lengths[i] += n
         if n:
-            if b is None:
-                b = self.batch(ids)
-            if b.rows is None:
-                self.cache_seqlens[: len(b.ids)] += n
-            else:
-                self.cache_seqlens.index_add_(0, b.rows, torch.full((len(b.ids),), n, dtype=torch.int32,
-                                                                    device=self.device))
+            self._advance_lengths(ids, n, b)
 
     def _release_all_locked(self, seq_id) -> None:
         pass
@@ -532,13 +536,7 @@ class PagedKVCache(KVCache):
         if changed_rows:
             self._write_rows(changed_rows)
         if n:
-            if b is None:
-                b = self.batch(ids)
-            if b.rows is None:
-                self.cache_seqlens[: len(b.ids)] += n
-            else:
-                self.cache_seqlens.index_add_(0, b.rows, torch.full((len(b.ids),), n, dtype=torch.int32,
-                                                                    device=self.device))
+            self._advance_lengths(ids, n, b)
         released_rows = [i for i, r, _ in plan if r]
         if released_rows:
             # Rebase: lengths drop by the released tokens (the device add above counted them).

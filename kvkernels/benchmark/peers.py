@@ -432,3 +432,12 @@ def prepare(impl: str, case: Case):
     if impl not in OFFERED[case.op]:
         raise Unsupported(f"{impl} is not offered for {case.op}")
     return _PREPARE[impl](case)
+
+
+def max_abs_error(expected, out) -> float | None:
+    """max |out - expected| of an attention output (the first element of an (out, lse) pair)."""
+    if expected is None or out is None:
+        return None
+    if isinstance(out, tuple):
+        out = out[0]
+    return float((out.float() - expected).abs().max())

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .peers import Case, dtype_of, elem_size
+from .peers import Case, dtype_of, elem_size, max_abs_error
 
 OP = "prefill"
 LENGTH_KEY = "seqlen"
@@ -76,8 +76,4 @@ def poison(case: Case) -> None:
 
 
 def error(case: Case, expected, out) -> float | None:
-    if expected is None or out is None:
-        return None
-    if isinstance(out, tuple):
-        out = out[0]
-    return float((out.float() - expected).abs().max())
+    return max_abs_error(expected, out)
