@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_lse_close, assert_parity, reference, seeded
+from conftest import assert_lse_close, assert_parity, reference, run_or_skip, seeded
 
 import kvkernels
 
@@ -32,16 +32,6 @@ REPLAYS = 8
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
-
-
-def declined(call):
-    """A configuration a backend declines (e.g. fp8 on an older GPU) is skipped with its reason."""
-    try:
-        return call()
-    except ValueError as e:
-        if "does not support" in str(e):
-            pytest.skip(str(e))
-        raise
 
 
 class State:
@@ -127,7 +117,7 @@ def test_captured_step_replays_bit_identical_to_eager(backend, layout, q_dtype, 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            declined(lambda: step(s.clone(), backend))
+            run_or_skip(backend, lambda: step(s.clone(), backend), declining=("cuda", "triton"))
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -167,7 +157,7 @@ def test_reduce_overhead_compile_matches_eager(backend, layout):
 
     fn = torch.compile(compiled_step, mode="reduce-overhead", fullgraph=True)
     with kvkernels.set_checked_mode(False):
-        declined(lambda: step(s.clone(), backend))  # the backend takes this configuration
+        run_or_skip(backend, lambda: step(s.clone(), backend), declining=("cuda", "triton"))  # the backend takes this configuration
         for r in range(6):  # warm-up, recording, then replays
             if r:
                 s.refresh(gen)

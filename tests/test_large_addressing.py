@@ -18,7 +18,7 @@ import gc
 
 import pytest
 import torch
-from conftest import assert_lse_close, assert_parity, lengths_tensor, randn, reference, seeded
+from conftest import assert_lse_close, assert_parity, lengths_tensor, randn, reference, run_or_skip, seeded
 
 import kvkernels
 import kvkernels.cuda
@@ -255,15 +255,6 @@ def need_memory(nbytes: int):
     free, _ = torch.cuda.mem_get_info()
     if free < nbytes + 2**30:
         pytest.skip(f"needs {(nbytes + 2**30) / 2**30:.1f} GiB of free device memory, {free / 2**30:.1f} GiB free")
-
-
-def run_or_skip(backend, call):
-    try:
-        return call()
-    except ValueError as e:
-        if backend == "cuda" and "does not support" in str(e):
-            pytest.skip(str(e))
-        raise
 
 
 def all_nan(x: torch.Tensor) -> bool:

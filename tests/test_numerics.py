@@ -22,7 +22,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import (assert_lse_close, assert_parity, build_paged, kernel_backends, lengths_tensor, randn,
+from conftest import (run_or_skip, assert_lse_close, assert_parity, build_paged, kernel_backends, lengths_tensor, randn,
                       reference, seeded)
 
 import kvkernels
@@ -34,16 +34,6 @@ DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, i
 HQ, HKV, D = 4, 2, 64  # a head dim every backend takes
 
 
-def declined(backend, call):
-    """Run call(); a configuration the CUDA backend declines is skipped with its reason."""
-    try:
-        return call()
-    except ValueError as e:
-        if backend == "cuda" and "does not support" in str(e):
-            pytest.skip(str(e))
-        raise
-
-
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bits, so NaN compares equal to itself."""
     return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
@@ -52,7 +42,7 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 def decode(backend, device, q, k_cache, v_cache, seqlens, block_table=None, **kw):
     """decode_attention on `device` -> (out, lse) on the CPU."""
     to = (lambda x: None if x is None else x.to(device))
-    out, lse = declined(backend, lambda: kvkernels.decode_attention(
+    out, lse = run_or_skip(backend, lambda: kvkernels.decode_attention(
         q.to(device), k_cache.to(device), v_cache.to(device), seqlens.to(device), block_table=to(block_table),
         return_lse=True, backend=backend, **{n: to(x) if isinstance(x, torch.Tensor) else x for n, x in kw.items()}))
     assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == q.shape[:2] and lse.dtype == torch.float32
@@ -60,7 +50,7 @@ def decode(backend, device, q, k_cache, v_cache, seqlens, block_table=None, **kw
 
 
 def prefill(backend, device, q, k, v, **kw):
-    out, lse = declined(backend, lambda: kvkernels.prefill_attention(
+    out, lse = run_or_skip(backend, lambda: kvkernels.prefill_attention(
         q.to(device), k.to(device), v.to(device), return_lse=True, backend=backend,
         **{n: x.to(device) if isinstance(x, torch.Tensor) else x for n, x in kw.items()}))
     assert out.shape == q.shape and out.dtype == q.dtype and lse.dtype == torch.float32
@@ -293,7 +283,7 @@ def test_empty_batch(backend, device, op):
             table = None if op == "append-contiguous" else torch.zeros(0, 2, dtype=i32, device=device)
             call = lambda: kvkernels.append_kv(k, k, kc, kc, none.to(device), block_table=table,  # noqa: E731
                                                backend=backend, **scales)
-        assert declined(backend, call) is None
+        assert run_or_skip(backend, call) is None
     assert torch.equal(bits(cache), bits(before))
 
 
@@ -361,7 +351,7 @@ def test_append_of_nothing_changes_no_bit(backend, device, case):
         lens = lengths_tensor([0, 8, 16] if table is not None else [0, 5, 8], device)  # full caches included
         call = lambda: kvkernels.append_kv(src, src, kc, vc, lens, block_table=table, backend=backend,  # noqa: E731
                                            **scales)
-    assert declined(backend, call) is None
+    assert run_or_skip(backend, call) is None
     assert torch.equal(bits(kc), bits(before_k)) and torch.equal(bits(vc), bits(before_v))
 
 

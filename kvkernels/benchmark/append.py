@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .peers import FP8_MAX, Case, dtype_of, elem_size, gather_rows, quantize, scatter_rows
+from .peers import FP8_MAX, Case, cache_layout, dtype_of, elem_size, gather_rows, quantize, scatter_rows
 
 OP = "append"
 LENGTH_KEY = "context"
@@ -45,16 +45,7 @@ def build(config: dict, device, n_sets: int, seed: int = 0) -> Case:
     gen = torch.Generator(device=device).manual_seed(seed)
     capacity = ctx + n_sets * new
     shared = {}
-    block_table = None
-    if config["paged"]:
-        ps = config["page_size"]
-        pages = -(-capacity // ps)
-        perm = torch.randperm(B * pages, generator=torch.Generator().manual_seed(seed))
-        block_table = perm.view(B, pages).to(device=device, dtype=torch.int32)
-        shared["block_table_long"] = block_table.long()
-        cache_shape = (B * pages, ps, hkv, d)
-    else:
-        cache_shape = (B, capacity, hkv, d)
+    block_table, cache_shape = cache_layout(config, B, capacity, hkv, d, device, seed, shared)
     k_cache = torch.randn(cache_shape, generator=gen, device=device, dtype=torch.float32).to(kv_dtype)
     v_cache = torch.randn(cache_shape, generator=gen, device=device, dtype=torch.float32).to(kv_dtype)
     k_scale = v_scale = None

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .peers import Case, dtype_of, elem_size, max_abs_error
+from .peers import Case, cache_layout, dtype_of, elem_size, max_abs_error
 
 OP = "decode"
 LENGTH_KEY = "context"
@@ -60,16 +60,7 @@ def build(config: dict, device, n_sets: int, seed: int = 0) -> Case:
     dtype, kv_dtype = dtype_of(config["dtype"]), dtype_of(config["kv_dtype"])
     gen = torch.Generator(device=device).manual_seed(seed)
     shared = {}
-    block_table = None
-    if config["paged"]:
-        ps = config["page_size"]
-        pages = -(-ctx // ps)
-        perm = torch.randperm(B * pages, generator=torch.Generator().manual_seed(seed))
-        block_table = perm.view(B, pages).to(device=device, dtype=torch.int32)
-        shared["block_table_long"] = block_table.long()
-        cache_shape = (B * pages, ps, hkv, d)
-    else:
-        cache_shape = (B, ctx, hkv, d)
+    block_table, cache_shape = cache_layout(config, B, ctx, hkv, d, device, seed, shared)
     k_scale = v_scale = None
     if kv_dtype == torch.float8_e4m3fn:
         k_scale = torch.tensor(FP8_SCALE, dtype=torch.float32, device=device)

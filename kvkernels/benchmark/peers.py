@@ -441,3 +441,17 @@ def max_abs_error(expected, out) -> float | None:
     if isinstance(out, tuple):
         out = out[0]
     return float((out.float() - expected).abs().max())
+
+
+def cache_layout(config: dict, batch: int, capacity: int, hkv: int, d: int, device, seed: int, shared: dict):
+    """(block_table or None, cache shape) for `capacity` tokens a sequence. A paged cache gets its
+    pages in a shuffled order, as an allocator leaves them; the int64 copy of the table goes to
+    shared["block_table_long"] for the peers that index with it."""
+    if not config["paged"]:
+        return None, (batch, capacity, hkv, d)
+    ps = config["page_size"]
+    pages = -(-capacity // ps)
+    perm = torch.randperm(batch * pages, generator=torch.Generator().manual_seed(seed))
+    block_table = perm.view(batch, pages).to(device=device, dtype=torch.int32)
+    shared["block_table_long"] = block_table.long()
+    return block_table, (batch * pages, ps, hkv, d)

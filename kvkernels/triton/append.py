@@ -19,7 +19,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET  # noqa: F401  (documents the mode the bf16 note below is about)
 
 # Addressing modes (constexpr MODE)
 _CONTIGUOUS, _PAGED, _SLOTS = 0, 1, 2
