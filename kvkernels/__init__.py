@@ -6,14 +6,18 @@ Public API (shapes: B batch, S sequence, Hq query heads, Hkv key/value heads, D 
                       max_seqlen_k, window_size, softcap, return_lse, backend)
     decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table, softmax_scale, window_left,
                      softcap, k_scale, v_scale, num_splits, return_lse, backend)
+    cache_attention(q, k_cache, v_cache, cache_seqlens, *, cu_seqlens_q, max_seqlen_q, block_table, causal,
+                    softmax_scale, window_left, softcap, k_scale, v_scale, num_splits, return_lse, backend)
     append_kv(k, v, k_cache, v_cache, cache_seqlens, *, block_table, k_scale, v_scale, backend)
     append_kv_slots(k, v, k_cache, v_cache, slot_mapping, *, k_scale, v_scale, backend)
     merge_attention_states(out_a, lse_a, out_b, lse_b)
+    merge_states(outs, lses)
 
 backend: None (auto), "cuda", "triton" or "reference"; see kvkernels.api.
 """
 
-from .api import append_kv, append_kv_slots, decode_attention, merge_attention_states, prefill_attention
+from .api import (append_kv, append_kv_slots, cache_attention, decode_attention, merge_attention_states, merge_states,
+                  prefill_attention)
 from .config import set_batch_invariant, set_checked_mode
 
 __version__ = "0.1.0"
@@ -21,9 +25,11 @@ __version__ = "0.1.0"
 __all__ = [
     "prefill_attention",
     "decode_attention",
+    "cache_attention",
     "append_kv",
     "append_kv_slots",
     "merge_attention_states",
+    "merge_states",
     "set_batch_invariant",
     "set_checked_mode",
 ]

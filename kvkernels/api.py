@@ -18,6 +18,8 @@ resolved, causal folded into the window):
                     softmax_scale, window_left, window_right, softcap) -> (out, lse)
   decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_left, softcap,
                    k_scale, v_scale, num_splits, batch_invariant) -> (out, lse)
+  cache_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q, block_table, causal,
+                  softmax_scale, window_left, softcap, k_scale, v_scale, num_splits, batch_invariant) -> (out, lse)
   append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale) -> None
   append_kv_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None
   unsupported(op, **normalised args) -> str | None     # why this backend cannot run it
@@ -62,6 +64,16 @@ class _ReferenceBackend:
         out, lse = reference.decode_attention(q, k_cache, v_cache, seqlens, block_table=block_table,
                                               softmax_scale=scale, window_left=window_left, softcap=softcap,
                                               k_scale=k_scale, v_scale=v_scale)
+        return out, lse.to(torch.float32)
+
+    @staticmethod
+    def cache_attention(q, k_cache, v_cache, seqlens, cu_q, max_q, block_table, causal, scale, window_left,
+                        softcap, k_scale, v_scale, num_splits, batch_invariant):
+        from . import reference
+        out, lse = reference.cache_attention(q, k_cache, v_cache, seqlens, cu_seqlens_q=cu_q,
+                                             block_table=block_table, causal=causal, softmax_scale=scale,
+                                             window_left=window_left, softcap=softcap, k_scale=k_scale,
+                                             v_scale=v_scale)
         return out, lse.to(torch.float32)
 
     @staticmethod
@@ -169,6 +181,28 @@ def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
 def _(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_left, softcap, k_scale, v_scale,
       num_splits, batch_invariant, backend):
     return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+@torch.library.custom_op("kvkernels::cache_attention", mutates_args=())
+def _cache_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                        cu_seqlens_q: Optional[torch.Tensor], max_seqlen_q: int, block_table: Optional[torch.Tensor],
+                        causal: bool, softmax_scale: float, window_left: int, softcap: float,
+                        k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor], num_splits: int,
+                        batch_invariant: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = get_backend(backend).cache_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q,
+                                                    block_table, causal, softmax_scale, window_left, softcap,
+                                                    k_scale, v_scale, num_splits, batch_invariant)
+    return out, lse.to(torch.float32)
+
+
+@_cache_attention_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q, block_table, causal, softmax_scale,
+      window_left, softcap, k_scale, v_scale, num_splits, batch_invariant, backend):
+    if cu_seqlens_q is not None:
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    else:
+        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    return torch.empty_like(q), lse
 
 
 @torch.library.custom_op("kvkernels::append_kv", mutates_args=("k_cache", "v_cache"))
@@ -330,6 +364,78 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, so
     return (out, lse) if return_lse else out
 
 
+def cache_attention(q, k_cache, v_cache, cache_seqlens, *, cu_seqlens_q=None, max_seqlen_q=None, block_table=None,
+                    causal=True, softmax_scale=None, window_left=-1, softcap=0.0, k_scale=None, v_scale=None,
+                    num_splits=0, return_lse=False, backend=None):
+    """Several new query tokens per sequence against its KV cache (chunked prefill, speculative
+    verification, prefix reuse, mixed batches of decodes and prefills).
+
+    dense q [B, Sq, Hq, D] (n_b = Sq for every sequence), or ragged q [Tq, Hq, D] with cu_seqlens_q
+    int32 [B+1] (sequence b's queries are rows cu[b]..cu[b+1]-1; n_b may be 0). k_cache/v_cache,
+    cache_seqlens, block_table, k_scale/v_scale, softcap, softmax_scale, num_splits: as decode_attention.
+    The cache already holds these queries' keys and values: cache_seqlens[b] counts sequence b's
+    tokens including its n_b new ones, and query i sits at position p = cache_seqlens[b] - n_b + i.
+    causal=True: it sees positions [0, p]; causal=False: [0, cache_seqlens[b]). window_left >= 0:
+    additionally only positions >= p - window_left.
+    -> out like q, in q's dtype (+ lse [B, Hq, Sq] dense or [Hq, Tq] ragged, fp32 natural log). A query
+    that sees nothing gets out 0 and lse -inf. decode_attention(q) equals cache_attention(q[:, None]).
+
+    max_seqlen_q (ragged): the largest n_b; it sizes the launch, so it must not be smaller than any
+    n_b. Omitted, it is read from cu_seqlens_q (a device sync). n_b > cache_seqlens[b] and a too small
+    max_seqlen_q are ValueErrors where the values can be read for free (CPU tensors, checked mode).
+    """
+    V.tensor("q", q, rank=(3, 4), dtypes=V.FLOAT_DTYPES)
+    device = q.device
+    ragged = q.dim() == 3
+    V.cache_pair(k_cache, v_cache, device)
+    if k_cache.dtype != q.dtype and k_cache.dtype not in V.FP8_DTYPES:
+        raise TypeError(f"k_cache/v_cache must have q's dtype {q.dtype} or float8_e4m3fn, got {k_cache.dtype}")
+    V.last_dim_contiguous("q", q)
+    hq, d = q.shape[-2], q.shape[-1]
+    hkv = k_cache.shape[2]
+    V.head_dim("q", d)
+    if k_cache.shape[3] != d:
+        raise ValueError(f"k_cache/v_cache must have head dim {d} like q, got {k_cache.shape[3]}")
+    V.heads(hq, hkv, kv_name="k_cache")
+    if ragged:
+        if cu_seqlens_q is None:
+            raise ValueError("q is 3-D [Tq, Hq, D] (ragged): cu_seqlens_q int32 [B+1] is required "
+                             "(for one query per sequence use decode_attention, or q[:, None])")
+        V.cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], device)
+        B = cu_seqlens_q.shape[0] - 1
+        if max_seqlen_q is None:
+            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if B > 0 else 0
+        V.scalar("max_seqlen_q", max_seqlen_q, kind=int, minimum=0)
+    else:
+        if cu_seqlens_q is not None or max_seqlen_q is not None:
+            raise ValueError("cu_seqlens_q/max_seqlen_q are only for ragged (3-D) q; q is 4-D [B, Sq, Hq, D]")
+        B = q.shape[0]
+        max_seqlen_q = q.shape[1]
+    V.cache_seqlens(cache_seqlens, B, device)
+    if block_table is not None:
+        V.block_table(block_table, B, device)
+    elif k_cache.shape[0] != B:
+        raise ValueError(f"contiguous k_cache/v_cache must have shape [B={B}, S_max, Hkv, D], got {list(k_cache.shape)} "
+                         f"(pass block_table for a paged cache)")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    V.scalar("window_left", window_left, kind=int, minimum=-1)
+    V.scalar("num_splits", num_splits, kind=int, minimum=0)
+    scale = _default_scale(softmax_scale, d)
+    softcap = _softcap(softcap)
+    k_scale, v_scale = V.fp8_scales(k_scale, v_scale, k_cache.dtype, hkv, device)
+    V.cache_index_values(k_cache, cache_seqlens, block_table, extra=0)
+    V.query_counts(cache_seqlens, cu_seqlens_q, max_seqlen_q if ragged else None, None if ragged else q.shape[1])
+
+    backend = resolve_backend("cache_attention", backend, device, q=q, k_cache=k_cache, v_cache=v_cache,
+                              paged=block_table is not None, block_table=block_table, ragged=ragged,
+                              causal=causal, window_left=window_left, softcap=softcap)
+    out, lse = torch.ops.kvkernels.cache_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q,
+                                                   block_table, causal, scale, window_left, softcap, k_scale,
+                                                   v_scale, num_splits, config.batch_invariant(), backend)
+    return (out, lse) if return_lse else out
+
+
 def _append_sources(k, v, k_cache, device, rank):
     V.tensor("k", k, rank=rank, dtypes=V.FLOAT_DTYPES, device=device)
     V.tensor("v", v, rank=rank, dtypes=(k.dtype,), device=device)
@@ -406,7 +512,9 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b):
     """Combine attention results over two disjoint key sets (split-KV, shared prefix + suffix).
 
     out_* [..., H, D], lse_* [..., H] fp32 natural log -> (out [..., H, D] in out_a's dtype, lse fp32).
-    A side with lse -inf is empty; both empty gives out 0 and lse -inf.
+    A side with lse -inf is empty, and so is one with lse +inf (how FlashAttention 2 and vLLM mark an
+    empty partial state); an empty side's out is never read. Both empty gives out 0 and lse -inf.
+    Our lse is natural-log; FlashInfer's is base 2: lse = lse2 * ln 2. See merge_states for N states.
     """
     V.tensor("out_a", out_a, rank=tuple(range(2, 6)), dtypes=V.FLOAT_DTYPES)
     device = out_a.device
@@ -421,3 +529,36 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b):
                              f"got {list(lse.shape)}")
     from . import reference
     return reference.merge_attention_states(out_a, lse_a, out_b, lse_b)
+
+
+def merge_states(outs, lses):
+    """Combine attention results over N disjoint key sets in one call (FlashInfer's merge_states).
+
+    outs [N, ..., H, D] (N states stacked on dim 0, or a list of N tensors [..., H, D]);
+    lses [N, ..., H] fp32 natural log (or a list) -> (out [..., H, D] in outs' dtype, lse [..., H] fp32).
+    States are combined in index order with weights relative to the largest lse: deterministic, and
+    as exact as merge_attention_states. lse -inf or +inf marks an empty state, whose out is never
+    read; all empty gives out 0 and lse -inf. Natural log: FlashInfer's base-2 lse2 is lse / ln 2.
+    """
+    if isinstance(outs, (list, tuple)):
+        if not outs:
+            raise ValueError("outs must hold at least one state")
+        for i, o in enumerate(outs):
+            V.tensor(f"outs[{i}]", o, rank=tuple(range(2, 6)), dtypes=V.FLOAT_DTYPES, device=outs[0].device)
+        outs = torch.stack(list(outs))
+    if isinstance(lses, (list, tuple)):
+        if not lses:
+            raise ValueError("lses must hold at least one state")
+        for i, l in enumerate(lses):
+            V.tensor(f"lses[{i}]", l, rank=tuple(range(1, 5)), dtypes=(torch.float32, torch.float64),
+                     device=lses[0].device)
+        lses = torch.stack(list(lses))
+    V.tensor("outs", outs, rank=tuple(range(3, 7)), dtypes=V.FLOAT_DTYPES)
+    V.tensor("lses", lses, rank=outs.dim() - 1, dtypes=(torch.float32, torch.float64), device=outs.device)
+    if lses.shape != outs.shape[:-1]:
+        raise ValueError(f"lses must have shape {list(outs.shape[:-1])} (outs' shape without D), "
+                         f"got {list(lses.shape)}")
+    if outs.shape[0] < 1:
+        raise ValueError("outs must hold at least one state (dim 0 is the state index)")
+    from . import reference
+    return reference.merge_states(outs, lses)

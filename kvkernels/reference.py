@@ -48,11 +48,21 @@ def _attend(q, k, v, scale, softcap, allowed):
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # [Hq, Sq]; -inf on empty rows
-    probs = torch.exp(scores - lse.unsqueeze(-1).clamp_min(torch.finfo(lse.dtype).min))
-    probs = probs.masked_fill(~allowed, 0.0)  # exp(-inf - -inf) would be NaN on empty rows
+    # Probabilities relative to the row maximum, normalised by their sum, as the kernels compute
+    # them: exp(s - lse) with lse already rounded would be off by one rounding step of lse, which
+    # at |lse| ~ 4.6e4 is 0.004 in fp32 (weights of 1.0017 for two equal keys).
+    if scores.shape[-1]:
+        row_max = scores.amax(dim=-1, keepdim=True)  # [Hq, Sq, 1]; -inf on empty rows
+    else:
+        row_max = scores.new_full((*scores.shape[:-1], 1), float("-inf"))  # no keys at all
+    row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
+    weights = torch.exp(scores - row_max)  # exactly 1 at the maximum, 0 where masked
+    total = weights.sum(dim=-1, keepdim=True)
+    empty = total == 0
+    probs = weights / torch.where(empty, torch.ones_like(total), total)
+    lse = torch.where(empty, torch.full_like(total, float("-inf")), row_max + torch.log(total)).squeeze(-1)
     out = torch.einsum("hqk,khd->qhd", probs, v)
-    return out, lse
+    return out, lse  # out [Sq, Hq, D], lse [Hq, Sq]
 
 
 def attention_mask(sq: int, sk: int, window_left: int, window_right: int, device=None) -> torch.Tensor:
@@ -168,6 +178,61 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, so
     return out, lse
 
 
+def cache_attention_mask(n_q: int, length: int, causal: bool, window_left: int, device=None) -> torch.Tensor:
+    """bool [n_q, length]: query i of a sequence of `length` cached tokens whose last n_q are the
+    queries sits at p = length - n_q + i and may see position j iff j <= p (causal) and
+    j >= p - window_left (window_left >= 0). A query with p < 0 sees nothing."""
+    p = torch.arange(n_q, device=device).unsqueeze(1) + (length - n_q)
+    j = torch.arange(length, device=device).unsqueeze(0)
+    allowed = (p >= 0) & (j < length)
+    if causal:
+        allowed = allowed & (j <= p)
+    if window_left >= 0:
+        allowed = allowed & (j >= p - window_left)
+    return allowed
+
+
+def cache_attention(q, k_cache, v_cache, cache_seqlens, *, cu_seqlens_q=None, block_table=None, causal=True,
+                    softmax_scale=None, window_left=-1, softcap=0.0, k_scale=None, v_scale=None, upcast=True):
+    """Several new queries per sequence against a KV cache that already holds their keys and values.
+
+    dense q [B, Sq, Hq, D] (n_b = Sq) or ragged q [Tq, Hq, D] with cu_seqlens_q int [B+1]
+    (n_b = cu[b+1] - cu[b]); caches as in decode_attention; cache_seqlens[b] counts the n_b new tokens.
+    Query i of sequence b sits at p = cache_seqlens[b] - n_b + i and sees [0, p] (causal) or
+    [0, cache_seqlens[b]), and only positions >= p - window_left when window_left >= 0.
+    -> out like q (q's dtype), lse [B, Hq, Sq] (dense) or [Hq, Tq] (ragged) fp32. Seeing nothing:
+    out 0, lse -inf.
+    """
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    md = _math_dtype(q, upcast=upcast)
+    lse_dtype = torch.float64 if md == torch.float64 else torch.float32
+    ragged = cu_seqlens_q is not None
+    lengths = cache_seqlens.tolist()
+    out = torch.zeros_like(q)
+    if ragged:
+        bounds = cu_seqlens_q.tolist()
+        spans = [(bounds[b], bounds[b + 1]) for b in range(len(lengths))]
+        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=lse_dtype, device=q.device)
+    else:
+        spans = [(0, q.shape[1])] * len(lengths)
+        lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=lse_dtype, device=q.device)
+    for b, (length, (qs, qe)) in enumerate(zip(lengths, spans)):
+        if qe == qs or length == 0:
+            continue
+        qb = q[qs:qe] if ragged else q[b]
+        k = dequantize(gather_sequence(k_cache, b, length, block_table), k_scale, md)
+        v = dequantize(gather_sequence(v_cache, b, length, block_table), v_scale, md)
+        allowed = cache_attention_mask(qe - qs, length, causal, window_left, q.device)
+        o, l = _attend(qb.to(md), k, v, scale, softcap, allowed)
+        if ragged:
+            out[qs:qe] = o.to(q.dtype)
+            lse[:, qs:qe] = l.to(lse_dtype)
+        else:
+            out[b] = o.to(q.dtype)
+            lse[b] = l.to(lse_dtype)
+    return out, lse
+
+
 def append_kv(k, v, k_cache, v_cache, cache_seqlens, *, block_table=None, k_scale=None, v_scale=None):
     """Write token i of sequence b at position cache_seqlens[b] + i, in place. Returns None.
 
@@ -199,23 +264,43 @@ def append_kv_slots(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_sca
         cache[slots // page_size, slots % page_size] = quantize(src[keep], scale, cache.dtype)
 
 
-def merge_attention_states(out_a, lse_a, out_b, lse_b):
-    """Combine attention over two disjoint key sets.
+def merge_states(outs, lses):
+    """Combine attention over N disjoint key sets, in the order given (deterministic).
 
-    out_* [..., H, D], lse_* [..., H] (natural log) -> (out [..., H, D] in out_a's dtype, lse fp32;
-    fp64 when the inputs are fp64).
-    An empty side has lse -inf; both empty gives out 0, lse -inf.
+    outs [N, ..., H, D], lses [N, ..., H] (natural log) -> (out [..., H, D] in outs' dtype, lse fp32;
+    fp64 when the inputs are fp64). A state is empty when its lse is -inf, or +inf (the convention of
+    FlashAttention 2 and vLLM); an empty state's out is never read. All empty: out 0, lse -inf.
+
+        M = max_i lse_i,  w_i = exp(lse_i - M),  out = sum_i w_i out_i / sum_i w_i,  lse = M + log sum_i w_i
+
+    The weights are relative to the largest lse (so one of them is exactly 1), not to the rounded
+    merged lse, which at |lse| ~ 1e4 would cost ~1e-3 relative in fp32.
     """
-    md = _math_dtype(out_a, out_b, lse_a, lse_b)
-    la, lb = lse_a.to(md), lse_b.to(md)
-    # Weights relative to the larger lse (one of them is exactly 1), not to the rounded merged lse,
-    # which at |lse| ~ 1e4 would cost ~1e-3 relative in fp32.
-    m = torch.maximum(la, lb)
+    md = _math_dtype(outs, lses)
+    lse = lses.to(md)
+    lse = torch.where(torch.isposinf(lse), torch.full_like(lse, float("-inf")), lse)
+    m = lse.amax(dim=0) if lse.shape[0] else torch.full(lse.shape[1:], float("-inf"), dtype=md, device=lse.device)
     empty = torch.isneginf(m)
     m = torch.where(empty, torch.zeros_like(m), m)
-    wa, wb = torch.exp(la - m), torch.exp(lb - m)  # exp(-inf) = 0 for an empty side
-    total = wa + wb
-    lse = torch.where(empty, torch.full_like(m, float("-inf")), m + torch.log(total))
-    denom = torch.where(empty, torch.ones_like(total), total).unsqueeze(-1)
-    out = (wa.unsqueeze(-1) * out_a.to(md) + wb.unsqueeze(-1) * out_b.to(md)) / denom
-    return out.to(out_a.dtype), lse.to(torch.float32 if md == torch.float32 else md)
+    acc = torch.zeros(outs.shape[1:], dtype=md, device=outs.device)
+    total = torch.zeros_like(m)
+    for i in range(lses.shape[0]):
+        w = torch.exp(lse[i] - m)  # exactly 0 for an empty state
+        acc = acc + torch.where(w.unsqueeze(-1) > 0, w.unsqueeze(-1) * outs[i].to(md), 0.0)
+        total = total + w
+    merged_lse = torch.where(empty, torch.full_like(m, float("-inf")), m + torch.log(total))
+    out = acc / torch.where(empty, torch.ones_like(total), total).unsqueeze(-1)
+    return out.to(outs.dtype), merged_lse.to(torch.float32 if md == torch.float32 else md)
+
+
+def merge_attention_states(out_a, lse_a, out_b, lse_b):
+    """Combine attention over two disjoint key sets: merge_states of the two, in the order a, b.
+
+    out_* [..., H, D], lse_* [..., H] (natural log) -> (out [..., H, D] in out_a's dtype, lse fp32;
+    fp64 when the inputs are fp64). An empty side has lse -inf (or +inf); both empty gives out 0,
+    lse -inf.
+    """
+    dtype = out_a.dtype
+    md = _math_dtype(out_a, out_b, lse_a, lse_b)
+    out, lse = merge_states(torch.stack((out_a.to(md), out_b.to(md))), torch.stack((lse_a.to(md), lse_b.to(md))))
+    return out.to(dtype), lse

@@ -198,3 +198,28 @@ def cu_seqlens(name: str, cu: torch.Tensor, total: int, device) -> None:
             raise ValueError(f"{name} must be non-decreasing, got {vals.tolist()[:16]}")
         if int(vals[-1]) != total:
             raise ValueError(f"{name}[-1] = {int(vals[-1])} must equal the total number of tokens {total}")
+
+
+def query_counts(seqlens: torch.Tensor, cu_q: torch.Tensor | None, max_seqlen_q: int | None,
+                 dense_sq: int | None) -> None:
+    """cache_attention: every sequence's query count n_b within its length (the cache holds the
+    queries' own keys), and within max_seqlen_q (which sizes the launch). A no-op unless
+    values_checkable()."""
+    if not values_checkable(seqlens, cu_q):
+        return
+    seqlens, cu_q = host_copies(seqlens, cu_q)
+    if seqlens.numel() == 0:
+        return
+    if cu_q is not None:
+        counts = (cu_q[1:] - cu_q[:-1]).to(torch.int64)
+        if counts.numel() and int(counts.max()) > max_seqlen_q:
+            b = int(counts.argmax())
+            raise ValueError(f"max_seqlen_q = {max_seqlen_q} is smaller than sequence {b}'s {int(counts[b])} queries "
+                             f"(cu_seqlens_q[{b + 1}] - cu_seqlens_q[{b}])")
+    else:
+        counts = torch.full_like(seqlens, dense_sq, dtype=torch.int64)
+    short = counts > seqlens.to(torch.int64)
+    if bool(short.any()):
+        b = int(short.nonzero()[0])
+        raise ValueError(f"sequence {b} has {int(counts[b])} queries but cache_seqlens[{b}] = {int(seqlens[b])}: "
+                         f"the cache must already hold the queries' own keys and values (append them first)")

@@ -244,3 +244,139 @@ def test_merge_with_empty_sides():
     assert torch.equal(lse, lse_a)
     torch.testing.assert_close(out[0, 0], out_a[0, 0])
     assert torch.all(out[1] == 0) and torch.all(out[0, 1] == 0) and not torch.isnan(out).any()
+
+
+# ------------------------------------------------------------------------------ extreme logits
+#
+# Integer-valued q and k (exact in fp16 and bf16) and power-of-two scales make every score an
+# exactly representable number, so the only error left is the oracle's own softmax: it must match
+# the fp64 loops to the output dtype's rounding even at |logits| ~ 1e5, where one fp32 step of the
+# lse is 0.008 (probabilities computed as exp(s - lse) would be off by that much).
+
+LOGIT_SCALES = {1e2: 2.0 ** -4, 1e4: 2.0 ** 2, 1e5: 2.0 ** 5}
+OUT_TOL = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 4e-7}
+
+
+def integer_inputs(gen, shape, low, high, dtype, sign=1.0):
+    return (torch.randint(low, high + 1, shape, generator=gen).to(torch.float64) * sign).to(dtype)
+
+
+def extreme_case(gen, dtype, magnitude, B=2, sq=3, sk=13, hq=4, hkv=2, d=16):
+    """q entries in {64, 128, 192, 256} (bf16-exact), k in [-8, 8]: |q.k| <= 32768; the scale
+    brings the largest logits to about `magnitude`. Two keys of each sequence are duplicates, so
+    two weights tie at the maximum."""
+    q = integer_inputs(gen, (B, sq, hq, d), 1, 4, torch.float64) * 64
+    q = (q * torch.where(torch.rand(q.shape, generator=gen) < 0.2, -1.0, 1.0)).to(dtype)
+    k = integer_inputs(gen, (B, sk, hkv, d), -8, 8, dtype)
+    k[:, 1] = k[:, 0]
+    v = torch.randn(B, sk, hkv, d, generator=gen).to(dtype)
+    return q, k, v, LOGIT_SCALES[magnitude]
+
+
+def assert_close_to_naive(out, lse, ref_out, ref_lse, dtype):
+    scale_v = ref_out.abs().max().item() + 1.0
+    err = (out.double() - ref_out).abs().max().item()
+    assert err <= OUT_TOL[dtype] * scale_v, f"out error {err:.3e} > {OUT_TOL[dtype] * scale_v:.3e}"
+    finite = torch.isfinite(ref_lse)
+    lse_tol = ref_lse.abs().clamp_min(1.0) * 2.0 ** -22 + 1e-6  # two fp32 steps of the lse
+    assert torch.equal(torch.isneginf(lse.double()), ~finite)
+    assert bool(((lse.double() - ref_lse).abs()[finite] <= lse_tol[finite]).all()), \
+        f"lse error {(lse.double() - ref_lse).abs()[finite].max():.3e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("magnitude", [1e2, 1e4, 1e5])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_prefill_exact_at_extreme_logits(dtype, magnitude, sign):
+    gen = seeded(int(magnitude) % 97 + (sign > 0))
+    q, k, v, scale = extreme_case(gen, dtype, magnitude)
+    k = k * sign
+    out, lse = reference.prefill_attention(q, k, v, causal=True, softmax_scale=scale)
+    assert out.dtype == dtype
+    for b in range(q.shape[0]):
+        o, l = naive_prefill(q[b].double(), k[b].double(), v[b].double(), True, -1, -1, scale, 0.0)
+        assert_close_to_naive(out[b], lse[b], o, l, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("magnitude", [1e2, 1e4, 1e5])
+@pytest.mark.parametrize("paged", [False, True])
+def test_append_then_decode_exact_at_extreme_logits(dtype, magnitude, paged):
+    gen = seeded(int(magnitude) % 89 + paged)
+    q4, k, v, scale = extreme_case(gen, dtype, magnitude, sq=1, sk=19)
+    q = q4[:, 0]
+    B, sk, hkv, d = k.shape
+    lengths = [sk, 7]
+    seqlens = lengths_tensor(lengths)
+    k_cache = poison_contiguous(torch.zeros(B, 24, hkv, d, dtype=dtype), torch.zeros(B, dtype=torch.int32))
+    v_cache = k_cache.clone()
+    table = None
+    if paged:
+        k_cache, table = build_paged(k_cache, lengths_tensor([24] * B), 4, gen=seeded(5))
+        v_cache = k_cache.clone()
+    # Every sequence appends its sk tokens at positions 0..sk-1; decode then reads its first n_b.
+    reference.append_kv(k, v, k_cache, v_cache, torch.zeros(B, dtype=torch.int32), block_table=table)
+    out, lse = reference.decode_attention(q, k_cache, v_cache, seqlens, block_table=table, softmax_scale=scale)
+    ref_out, ref_lse = naive_decode(q.double(), lambda b, p: k[b, p].double(), lambda b, p: v[b, p].double(),
+                                    lengths, -1, scale, 0.0)
+    assert_close_to_naive(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_two_identical_keys_give_exactly_v_at_logits_near_minus_46000(dtype):
+    # q = 64, k = -64 over D = 128: every score is -46341 (1/sqrt(128) scale); v = 1 -> out exactly 1.
+    q = torch.full((1, 1, 1, 128), 64.0, dtype=dtype)
+    k = torch.full((1, 2, 1, 128), -64.0, dtype=dtype)
+    v = torch.ones(1, 2, 1, 128, dtype=dtype)
+    out, lse = reference.prefill_attention(q, k, v)
+    assert torch.equal(out, torch.ones_like(out))
+    assert abs(lse.item() - (-64 * 64 * 128 / math.sqrt(128) + math.log(2))) < 0.01
+    dec, _ = reference.decode_attention(q[:, 0], k, v, lengths_tensor([2]))
+    assert torch.equal(dec, torch.ones_like(dec))
+
+
+# --------------------------------------------------------------------------- merges of N states
+
+
+def test_merge_states_of_n_parts_equals_attention_over_all_keys():
+    gen = seeded(11)
+    q = torch.randn(1, 3, 2, 8, generator=gen, dtype=F64)
+    k = torch.randn(1, 17, 2, 8, generator=gen, dtype=F64)
+    v = torch.randn(1, 17, 2, 8, generator=gen, dtype=F64)
+    full, lse = reference.prefill_attention(q, k, v)
+    cuts = [0, 3, 4, 11, 17]
+    parts = [reference.prefill_attention(q, k[:, a:b], v[:, a:b]) for a, b in zip(cuts, cuts[1:])]
+    outs = torch.stack([o for o, _ in parts])
+    lses = torch.stack([l.transpose(1, 2) for _, l in parts])
+    out, merged = reference.merge_states(outs, lses)
+    torch.testing.assert_close(out, full)
+    torch.testing.assert_close(merged, lse.transpose(1, 2), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("empty", [float("-inf"), float("inf")])
+def test_merge_treats_both_empty_conventions_alike_and_never_reads_an_empty_out(empty):
+    gen = seeded(12)
+    out_a = torch.randn(2, 3, 4, generator=gen)
+    lse_a = torch.tensor([[0.5, empty, 1.0], [empty] * 3])
+    out_b = torch.full((2, 3, 4), float("nan"))  # an empty state's out may be anything
+    lse_b = torch.full((2, 3), empty)
+    out, lse = reference.merge_attention_states(out_a, lse_a, out_b, lse_b)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert torch.equal(out[0, 0], out_a[0, 0]) and torch.equal(out[0, 2], out_a[0, 2])
+    assert torch.all(out[1] == 0) and torch.all(out[0, 1] == 0)
+    assert torch.isneginf(lse[1]).all() and torch.isneginf(lse[0, 1])
+    assert lse[0, 0] == 0.5 and lse[0, 2] == 1.0
+    out3, lse3 = reference.merge_states(torch.stack([out_b, out_a, out_b]), torch.stack([lse_b, lse_a, lse_b]))
+    assert torch.equal(out3, out) and torch.equal(lse3, lse)
+
+
+def test_merge_states_is_exact_at_large_lse_and_deterministic():
+    gen = seeded(13)
+    outs = torch.randn(5, 4, 3, 8, generator=gen)
+    lses = (1e4 + torch.randn(5, 4, 3, generator=gen, dtype=torch.float64)).float()
+    ref_out, ref_lse = reference.merge_states(outs.double(), lses.double())
+    out, lse = reference.merge_states(outs, lses)
+    torch.testing.assert_close(out.double(), ref_out, atol=8 * 2.0 ** -23, rtol=0)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2.0 ** -10, rtol=0)
+    again = reference.merge_states(outs, lses)
+    assert torch.equal(again[0], out) and torch.equal(again[1], lse)

@@ -49,7 +49,8 @@ def layout_reason(name: str, t: torch.Tensor) -> str | None:
     return None
 
 
-_SUBMODULES = {"append": "append", "append_slots": "append", "decode": "decode", "prefill": "prefill"}
+_SUBMODULES = {"append": "append", "append_slots": "append", "decode": "decode", "prefill": "prefill",
+               "cache_attention": "cache_attn"}
 
 
 def _submodule(op: str):
@@ -79,6 +80,10 @@ def prefill_attention(*args):
 
 def decode_attention(*args):
     return _submodule("decode").decode(*args)
+
+
+def cache_attention(*args):
+    return _submodule("cache_attention").cache_attention(*args)
 
 
 def append_kv(*args):

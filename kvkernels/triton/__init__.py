@@ -45,7 +45,8 @@ def unsupported(op: str, **kw) -> str | None:
     return module.unsupported(op, **kw)
 
 
-_SUBMODULES = {"append": "append", "append_slots": "append", "decode": "decode", "prefill": "prefill"}
+_SUBMODULES = {"append": "append", "append_slots": "append", "decode": "decode", "prefill": "prefill",
+               "cache_attention": "cache_attn"}
 
 
 def _submodule(op: str):
@@ -64,6 +65,10 @@ def prefill_attention(*args):
 
 def decode_attention(*args):
     return _submodule("decode").decode(*args)
+
+
+def cache_attention(*args):
+    return _submodule("cache_attention").cache_attention(*args)
 
 
 def append_kv(*args):
