@@ -381,8 +381,10 @@ def cache_attention(q, k_cache, v_cache, cache_seqlens, *, cu_seqlens_q=None, ma
     that sees nothing gets out 0 and lse -inf. decode_attention(q) equals cache_attention(q[:, None]).
 
     max_seqlen_q (ragged): the largest n_b; it sizes the launch, so it must not be smaller than any
-    n_b. Omitted, it is read from cu_seqlens_q (a device sync). n_b > cache_seqlens[b] and a too small
-    max_seqlen_q are ValueErrors where the values can be read for free (CPU tensors, checked mode).
+    n_b. Omitted, it is read from cu_seqlens_q (a device sync). n_b > cache_seqlens[b] > 0 and a too
+    small max_seqlen_q are ValueErrors where the values can be read for free (CPU tensors, checked
+    mode); a sequence with cache_seqlens[b] == 0 is an idle slot whose queries see nothing, as in
+    decode_attention. Unchecked, a query with p < 0 sees nothing.
     """
     V.tensor("q", q, rank=(3, 4), dtypes=V.FLOAT_DTYPES)
     device = q.device

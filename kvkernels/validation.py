@@ -203,8 +203,8 @@ def cu_seqlens(name: str, cu: torch.Tensor, total: int, device) -> None:
 def query_counts(seqlens: torch.Tensor, cu_q: torch.Tensor | None, max_seqlen_q: int | None,
                  dense_sq: int | None) -> None:
     """cache_attention: every sequence's query count n_b within its length (the cache holds the
-    queries' own keys), and within max_seqlen_q (which sizes the launch). A no-op unless
-    values_checkable()."""
+    queries' own keys; a sequence of length 0 is an idle slot whose queries see nothing, as in
+    decode), and within max_seqlen_q (which sizes the launch). A no-op unless values_checkable()."""
     if not values_checkable(seqlens, cu_q):
         return
     seqlens, cu_q = host_copies(seqlens, cu_q)
@@ -218,7 +218,8 @@ def query_counts(seqlens: torch.Tensor, cu_q: torch.Tensor | None, max_seqlen_q:
                              f"(cu_seqlens_q[{b + 1}] - cu_seqlens_q[{b}])")
     else:
         counts = torch.full_like(seqlens, dense_sq, dtype=torch.int64)
-    short = counts > seqlens.to(torch.int64)
+    # An empty sequence (length 0) is an idle batch slot, as in decode: its queries see nothing.
+    short = (counts > seqlens.to(torch.int64)) & (seqlens > 0)
     if bool(short.any()):
         b = int(short.nonzero()[0])
         raise ValueError(f"sequence {b} has {int(counts[b])} queries but cache_seqlens[{b}] = {int(seqlens[b])}: "
