@@ -157,3 +157,35 @@ def test_flash_attn_varlen_func(paged):
         ref, ref_lse = oracle(q[qs], k[ks], v[ks], causal=True)
         assert_parity(out[qs], ref, oracle(q[qs], k[ks], v[ks], causal=True, upcast=False)[0])
         assert_lse_close(lse[:, qs], ref_lse)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("fp8", [False, True], ids=["fp16", "fp8"])
+def test_several_queries_attend_the_cache_in_place_without_a_copy(monkeypatch, backend, fp8):
+    # Sq > 1 over a paged cache (speculative verification) and varlen over pages (chunked prefill)
+    # run cache_attention on the cache itself: the gather-and-copy fallback must not be called.
+    import kvkernels.compat.flash_attn as fa
+    monkeypatch.setenv("KVKERNELS_BACKEND", backend)
+    monkeypatch.setattr(fa, "_gather_paged", lambda *a: pytest.fail("the paged cache was copied"))
+    gen = seeded(4)
+    B, S_max, page_size, sq = 2, 30, 8, 4
+    lens = torch.tensor([9, 22], dtype=torch.int32)
+    dense_k = randn(B, S_max, HKV, D, gen=gen)
+    dense_v = randn(B, S_max, HKV, D, gen=gen)
+    if fp8:
+        dense_k, dense_v = dense_k.to(torch.float8_e4m3fn), dense_v.to(torch.float8_e4m3fn)
+    k_cache, table = build_paged(dense_k, lens, page_size, gen=seeded(5))
+    v_cache, _ = build_paged(dense_v, lens, page_size, gen=seeded(5))
+    q = randn(B, sq, HQ, D, gen=gen)
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, block_table=table, causal=True)
+    cu_q = torch.tensor([0, sq, 2 * sq], dtype=torch.int32)
+    cu_k = torch.tensor([0, 9, 31], dtype=torch.int32)
+    varlen = flash_attn_varlen_func(q.reshape(B * sq, HQ, D), k_cache, v_cache, cu_q, cu_k, sq, 22, causal=True,
+                                    block_table=table)
+    for b in range(B):
+        L = int(lens[b])
+        kb, vb = dense_k[b, :L].to(q.dtype), dense_v[b, :L].to(q.dtype)
+        ref, _ = oracle(q[b], kb, vb, causal=True)
+        ref_lp, _ = oracle(q[b], kb, vb, causal=True, upcast=False)
+        assert_parity(out[b], ref, ref_lp)
+        assert_parity(varlen[b * sq:(b + 1) * sq], ref, ref_lp)

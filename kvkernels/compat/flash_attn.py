@@ -13,10 +13,15 @@ flash_attn_with_kvcache paths:
     cache_seqlens is the length *before* the append), then attention over cache_seqlens + S_new.
   * Sq == 1 (decode): kvkernels.decode_attention straight on the cache (contiguous or paged),
     no copy; causal and window_size[1] change nothing for a single last-position query.
-  * Sq > 1 (chunked prefill, speculative verification): the cached keys/values of each sequence are
-    gathered into a packed [sum(len), Hkv, D] copy and kvkernels.prefill_attention runs varlen with
-    the bottom-right causal alignment, which is exactly FlashAttention's. Correct first: it reads
-    the lengths on the host (one device sync) and copies the cache once per call.
+  * Sq > 1 (chunked prefill, speculative verification): kvkernels.cache_attention straight on the
+    cache, no copy: FlashAttention's bottom-right alignment puts query i at position
+    total - Sq + i, which is cache_attention's rule. Two cases it cannot express fall back to a
+    gathered copy and varlen prefill_attention (lengths read on the host): a window reaching right
+    of the diagonal without causal (window_size[1] > 0), and, where the lengths are readable for
+    free (CPU tensors), sequences holding fewer keys than queries (FlashAttention's rows that see
+    no key); on a GPU those rows see nothing in cache_attention too.
+
+flash_attn_varlen_func(block_table=...) runs cache_attention on the paged cache the same way.
 """
 
 from __future__ import annotations
@@ -71,6 +76,24 @@ def _gather_paged(cache, block_table, cu_seqlens):
     return cache.reshape(-1, *cache.shape[2:]).index_select(0, idx)
 
 
+def _cache_causal(causal, window):
+    """(causal, window_left) for cache_attention, or None when FlashAttention's mask is not one of
+    its masks (a window reaching right of the diagonal without causal)."""
+    left, right = window
+    if causal or right == 0:
+        return True, left
+    if right < 0:
+        return False, left
+    return None
+
+
+def _fewer_keys_than_queries(lengths, counts) -> bool:
+    """True when some sequence has 0 < keys < queries and the values are readable for free (CPU)."""
+    if lengths.device.type != "cpu" or (isinstance(counts, torch.Tensor) and counts.device.type != "cpu"):
+        return False
+    return bool(((lengths > 0) & (lengths < counts)).any())
+
+
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None):
@@ -81,7 +104,15 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     _unsupported(alibi_slopes=alibi_slopes)
     q = _contig_last(q)
     if block_table is not None:
-        # Paged keys: gather each sequence's pages into the packed layout (a copy; lengths read on the host).
+        lengths = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+        mask = _cache_causal(causal, _window(window_size))
+        if mask is not None and not _fewer_keys_than_queries(lengths, cu_seqlens_q[1:] - cu_seqlens_q[:-1]):
+            # The paged cache is attended in place: query i of sequence b sits at L_b - n_b + i.
+            out, lse = api.cache_attention(q, k, v, lengths, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=int(max_seqlen_q),
+                                           block_table=block_table, causal=mask[0], softmax_scale=softmax_scale,
+                                           window_left=mask[1], softcap=softcap, return_lse=True)
+            return (out, lse, None) if return_attn_probs else out
+        # A mask cache_attention cannot express: gather the pages into the packed layout (a copy).
         k = _gather_paged(k, block_table, cu_seqlens_k)
         v = _gather_paged(v, block_table, cu_seqlens_k)
     k, v = _contig_last(k), _contig_last(v)
@@ -136,8 +167,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                                         softmax_scale=softmax_scale, window_left=left, softcap=softcap,
                                         num_splits=num_splits, return_lse=True)
         out, lse = out.unsqueeze(1), lse.unsqueeze(-1)
+    elif (mask := _cache_causal(causal, (left, right))) is not None and not _fewer_keys_than_queries(total, sq):
+        # Several queries per sequence, on the cache in place: query i sits at total - Sq + i.
+        out, lse = api.cache_attention(q, k_cache, v_cache, total, block_table=block_table, causal=mask[0],
+                                       softmax_scale=softmax_scale, window_left=mask[1], softcap=softcap,
+                                       num_splits=num_splits, return_lse=True)
     else:
-        # Several queries per sequence: packed copy of the cached keys/values, varlen prefill.
+        # A mask cache_attention cannot express: packed copy of the cached keys/values, varlen prefill.
         cu_k = torch.zeros(B + 1, dtype=torch.int32, device=device)
         cu_k[1:] = torch.cumsum(total, 0)
         if paged:
