@@ -17,8 +17,8 @@ One step of a model, for a batch of sequences `ids` (ints from `allocate`, or No
 `extend` grows the lengths once for all layers; `append` writes the last n positions of each
 sequence in one layer (kvkernels.append_kv at cache_seqlens - n); `attend` reads positions
 [0, cache_seqlens) (kvkernels.decode_attention; for n > 1 queries, a causal
-kvkernels.prefill_attention over the gathered cache, bottom-right aligned, so chunked prefill and
-multi-token verification see exactly their own prefix).
+kvkernels.cache_attention on the cache in place, so chunked prefill and multi-token verification
+see exactly their own prefix, without a copy).
 
 Storage is one tensor per K and V with a layer dimension:
     ContiguousKVCache  k_cache/v_cache [num_layers, max_seqs, max_seq_len, Hkv, D]
@@ -308,10 +308,9 @@ class KVCache:
 
         q [B, Hq, D]       one query per sequence, the last position (kvkernels.decode_attention)
                            -> out [B, Hq, D] (+ lse [B, Hq])
-        q [B, n, Hq, D]    the last n positions, causal: n == 1 is decode; n > 1 gathers the cached
-                           keys/values and runs a varlen causal kvkernels.prefill_attention
-                           (one host read of the lengths, which the host already knows: no sync)
-                           -> out [B, n, Hq, D] (+ lse [B, Hq, n])
+        q [B, n, Hq, D]    the last n positions, causal: n == 1 is decode; n > 1 (a prompt chunk,
+                           draft tokens to verify) runs kvkernels.cache_attention on the cache in
+                           place -> out [B, n, Hq, D] (+ lse [B, Hq, n])
         """
         if q.dim() not in (3, 4):
             raise ValueError(f"q must be [B, Hq, D] or [B, n, Hq, D], got shape {tuple(q.shape)}")
@@ -335,40 +334,20 @@ class KVCache:
 
     def _attend_many(self, layer, b: SeqBatch, q, softmax_scale, softcap, return_lse):
         B, n, hq, d = q.shape
-        lengths = [self._lengths[i] for i in b.ids]
-        short = [i for i, L in zip(b.ids, lengths) if L < n]
+        short = [i for i in b.ids if self._lengths[i] < n]
         if short:
             raise ValueError(f"sequences {short[:8]} hold fewer than the {n} query positions")
-        k, v = self._gather(layer, b.ids, lengths, q.dtype)  # [sum(lengths), Hkv, D]
-        cu_k = torch.tensor([0] + list(_cumsum(lengths)), dtype=torch.int32).to(self.device)
-        cu_q = torch.arange(0, (B + 1) * n, n, dtype=torch.int32).to(self.device)
-        out, lse = api.prefill_attention(q.reshape(B * n, hq, d), k, v, causal=True, softmax_scale=softmax_scale,
-                                         cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=n,
-                                         max_seqlen_k=max(lengths, default=0), window_size=(self.window_left, -1),
-                                         softcap=softcap, return_lse=True, backend=self.backend)
-        out = out.reshape(B, n, hq, d)
-        if return_lse:
-            return out, lse.reshape(hq, B, n).permute(1, 0, 2)
-        return out
-
-    def _dequantize(self, x: torch.Tensor, scale: Optional[torch.Tensor], dtype) -> torch.Tensor:
-        if scale is None:
-            return x.to(dtype)
-        return (x.to(torch.float32) * scale.view(1, -1, 1)).to(dtype)
+        kc, vc = self._views(layer, b)
+        seqlens, table = self._batch_state(b)
+        ks, vs = self._layer_scales(layer)
+        # On the cache in place: query i of a sequence of length L sits at L - n + i.
+        return api.cache_attention(q, kc, vc, seqlens, block_table=table, causal=True, softmax_scale=softmax_scale,
+                                   window_left=self.window_left, softcap=softcap, k_scale=ks, v_scale=vs,
+                                   return_lse=return_lse, backend=self.backend)
 
     def memory_bytes(self) -> int:
         """Bytes of K/V storage this cache holds (both tensors, every layer)."""
         return self.k_cache.numel() * self.k_cache.element_size() * 2
-
-
-def _cumsum(xs):
-    total = 0
-    for x in xs:
-        total += x
-        yield total
-
-
-# ------------------------------------------------------------------------------------ contiguous
 
 
 class ContiguousKVCache(KVCache):
@@ -428,17 +407,6 @@ class ContiguousKVCache(KVCache):
         per_seq = self.max_seq_len // self._view_page
         cols = torch.arange(per_seq, device=self.device, dtype=torch.int64)
         return seqlens, (b.rows.unsqueeze(1) * per_seq + cols).to(torch.int32)
-
-    def _gather(self, layer, ids, lengths, dtype):
-        kc, vc = self.layer_cache(layer)
-        ks, vs = self._layer_scales(layer)
-        k = torch.cat([kc[i, :L] for i, L in zip(ids, lengths)])
-        v = torch.cat([vc[i, :L] for i, L in zip(ids, lengths)])
-        return self._dequantize(k, ks, dtype), self._dequantize(v, vs, dtype)
-
-
-# ---------------------------------------------------------------------------------------- paged
-
 
 class PagedKVCache(KVCache):
     """A pool of fixed-size pages shared by all sequences, vLLM-style.
@@ -565,20 +533,6 @@ class PagedKVCache(KVCache):
 
     def _batch_state(self, b: SeqBatch):
         return self._rows_slice(b, self.cache_seqlens), self._rows_slice(b, self.block_tables)
-
-    def _gather(self, layer, ids, lengths, dtype):
-        kc, vc = self.layer_cache(layer)
-        ps = self.page_size
-        index = []
-        for i, L in zip(ids, lengths):
-            pages = self._pages.get(i, [])
-            index.extend(pages[p // ps] * ps + p % ps for p in range(L))
-        idx = torch.tensor(index, dtype=torch.int64).to(self.device)
-        flat_k = kc.reshape(-1, self.num_kv_heads, self.head_dim)
-        flat_v = vc.reshape(-1, self.num_kv_heads, self.head_dim)
-        ks, vs = self._layer_scales(layer)
-        return (self._dequantize(flat_k.index_select(0, idx), ks, dtype),
-                self._dequantize(flat_v.index_select(0, idx), vs, dtype))
 
     def check_invariants(self) -> None:
         """Assert the allocator's invariants (for tests and debugging; reads the device tables):

@@ -14,7 +14,10 @@ the rest of the Llama family) then run
   one new token              kvkernels.decode_attention over the cache, with no copy: the
                              DynamicCache's [B, Hkv, S, D] keys are read through a transposed view
   PagedCache                 keys/values appended with kvkernels.append_kv into a
-                             kvkernels.cache.PagedKVCache, decode reads them through the block table
+                             kvkernels.cache.PagedKVCache; one new token reads them with
+                             decode_attention, a prompt or several new tokens (a prompt chunk,
+                             assisted generation's draft tokens) with kvkernels.cache_attention,
+                             all through the block table, with no copy
 
 Masks: register() also registers a mask builder that hands the attention a 2-D padding mask only
 when a batch has padding (as FlashAttention's integration does). A padded batch is unpadded into a
@@ -165,7 +168,6 @@ class _PagedLayer(CacheLayerMixin):
         self.owner = owner
         self.layer_idx = layer_idx
         self.length = 0        # tokens this layer holds (absolute)
-        self._fresh_kv = None  # the keys/values of a first prompt, attended directly
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.owner._build(key_states)
@@ -180,7 +182,6 @@ class _PagedLayer(CacheLayerMixin):
         v = value_states.transpose(1, 2)
         pool.append(self.layer_idx, batch, k, v)
         self.length += k.shape[1]
-        self._fresh_kv = (k, v) if self.length == k.shape[1] else None
         return self.owner._views[self.layer_idx]
 
     def attend(self, q, attention_mask, *, causal, scale, window, softcap):
@@ -196,11 +197,7 @@ class _PagedLayer(CacheLayerMixin):
         if q.shape[1] == 1:
             out = pool.attend(self.layer_idx, batch, q[:, 0], softmax_scale=scale, softcap=softcap)
             return out.unsqueeze(1)
-        if self._fresh_kv is not None:  # first prompt: attend to its own keys, no gather
-            k, v = self._fresh_kv
-            self._fresh_kv = None
-            return api.prefill_attention(q, k, v, causal=True, softmax_scale=scale, window_size=(window[0], 0),
-                                         softcap=softcap, backend=pool.backend)
+        # A prompt, a prompt chunk or draft tokens to verify: cache_attention on the pages in place.
         return pool.attend(self.layer_idx, batch, q, softmax_scale=scale, softcap=softcap)
 
     def get_mask_sizes(self, query_length, *args):
@@ -218,7 +215,6 @@ class _PagedLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.length = 0
-        self._fresh_kv = None
 
     def reorder_cache(self, beam_idx):
         raise NotImplementedError("PagedCache does not support beam search (reorder_cache)")
