@@ -216,6 +216,7 @@ if [ "$SKIP_BENCH" = 0 ]; then
   bench decode-peers 40 70 decode --preset llama3-8b,llama3-70b --batch 16 --context 8k --page-size 0 --cuda-graph
   bench prefill 50 40 prefill --preset llama3-8b "${PRE[@]}"
   bench append 25 25 append --preset llama3-8b "${APP[@]}" --cuda-graph
+  bench cache 30 20 cache --preset llama3-8b --scenario speculative,chunked-prefill,mixed --cuda-graph
   if [ "$SKIP_GEN" = 0 ]; then
     bench generate 30 10 generate --tokens 256
   fi

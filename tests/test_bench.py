@@ -357,3 +357,29 @@ def test_cli_generate_records_its_entry(tmp_path):
     (entry,) = doc["generate"]
     assert entry["config"]["tokens"] == 3 and entry["tokens_identical"]
     assert "Generation with and without the KV cache" in out.with_suffix(".md").read_text()
+
+
+def test_cache_attention_accounting_counts_what_each_query_sees():
+    from kvkernels.benchmark import cache_attention as ca
+    cfg = ca.make_config(2, 10, 3, 4, 2, 8, "fp16", page_size=16, decode_batch=1, decode_context=5)
+    nbytes, flops = ca.accounting(cfg)
+    # two sequences of 10 tokens (queries at 7, 8, 9 see 8 + 9 + 10 positions), one decode over 5
+    assert flops == 4 * 4 * 8 * (2 * (8 + 9 + 10) + 5)
+    assert nbytes == (2 * 10 + 5) * 2 * 8 * 2 * 2 + 2 * (2 * 3 + 1) * 4 * 8 * 2
+    spec, chunk, mixed = ca.scenarios()
+    assert (spec["batch"], spec["queries"], spec["context"], spec["page_size"]) == (32, 4, 8192, 16)
+    assert (chunk["queries"], chunk["context"]) == (2048, 32768)
+    assert mixed["decode_batch"] == 32 and mixed["queries"] == 1024
+
+
+def test_cli_cache_attention_scenarios_on_cpu(tmp_path):
+    from kvkernels.benchmark import cache_attention as ca
+    doc, out = _bench(tmp_path, "cache", "--scenario", "speculative,mixed", "--impls",
+                      "kvkernels-triton,sdpa-math,naive", "--no-plots")
+    recs = [r for r in doc["records"] if r["op"] == "cache"]
+    assert {r["config"]["scenario"] for r in recs} == {"speculative", "mixed"}
+    assert {r["impl"] for r in recs} == {"kvkernels-triton", "sdpa-math", "naive"}
+    for r in recs:
+        assert (r["bytes"], r["flops"]) == ca.accounting(r["config"])
+        assert r["max_abs_err"] is not None and r["max_abs_err"] < 1e-2   # every peer checked against the oracle
+    assert "Cache attention" in out.with_suffix(".md").read_text()

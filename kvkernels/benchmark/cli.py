@@ -22,7 +22,7 @@ import time
 
 import torch
 
-OPS = ("decode", "prefill", "append", "generate")
+OPS = ("decode", "prefill", "append", "cache", "generate")
 
 # Defaults: full sweeps on a GPU, tiny ones on the CPU (seconds, Triton interpreted).
 DEFAULTS = {
@@ -33,6 +33,8 @@ DEFAULTS = {
                     "dtype": "bf16"},
         "append": {"preset": "llama3-8b", "batch": "1,32,128", "context": "4k", "new_tokens": "1,512",
                    "page_size": "0,16", "fp8": "both", "dtype": "bf16"},
+        "cache": {"preset": "llama3-8b", "scenario": "speculative,chunked-prefill,mixed", "dtype": "bf16",
+                  "batch": "0"},
         "generate": {"tokens": "256,1024", "prompt": 16, "dtype": "bf16"},
     },
     "cpu": {
@@ -42,6 +44,8 @@ DEFAULTS = {
                     "dtype": "fp16"},
         "append": {"heads": "4/2", "head_dim": "64", "batch": "2", "context": "16", "new_tokens": "1,4",
                    "page_size": "0,16", "fp8": "off", "dtype": "fp16"},
+        "cache": {"heads": "4/2", "head_dim": "32", "scenario": "speculative,mixed", "dtype": "fp16", "scale": 64,
+                  "batch": "0"},
         "generate": {"tokens": "8", "prompt": 4, "dtype": "fp32"},
     },
 }
@@ -127,10 +131,12 @@ def _common(p: argparse.ArgumentParser, op: str) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench_op", required=True, metavar="{decode,prefill,append,generate}")
+    sub = parser.add_subparsers(dest="bench_op", required=True, metavar="{decode,prefill,append,cache,generate}")
     helps = {"decode": "decode attention over contiguous / paged / fp8 caches (GB/s vs the copy ceiling)",
              "prefill": "prefill attention (TFLOP/s vs the matmul ceiling)",
              "append": "KV cache append (GB/s vs the copy ceiling)",
+             "cache": "cache attention: several queries per sequence against a paged cache (speculative decoding, "
+                      "chunked prefill, mixed batches)",
              "generate": "GPT-2-small-shaped generation with and without the KV cache"}
     for op in OPS:
         p = sub.add_parser(op, help=helps[op], description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,6 +151,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if op == "prefill":
             s.add_argument("--seqlen", default=None, help="prompt lengths (Sq = Sk), e.g. 512,2k,8k")
             s.add_argument("--causal", choices=("off", "on", "both"), default=None)
+        if op == "cache":
+            s.add_argument("--scenario", default=None,
+                           help="speculative (B=32, 4 queries, 8K), chunked-prefill (2048 queries over 32K), "
+                                "mixed (a 1024-query chunk over 4K beside 32 decodes over 8K); comma-separated")
+            s.add_argument("--scale", type=int, default=None,
+                           help="divide every scenario's token counts by this (CPU runs use 64)")
         if op == "generate":
             s.add_argument("--tokens", default=None, help="tokens to generate, e.g. 256,1024,4096")
             s.add_argument("--prompt", type=int, default=None, help="prompt length")
@@ -210,6 +222,19 @@ def build_configs(op: str, args, device) -> list[dict]:
                             for b in batches:
                                 for ctx in parse_sizes(_value(args, "context", d)):
                                     configs.append(append.make_config(b, ctx, new, hq, hkv, hd, dt, ps, fp8, preset))
+    elif op == "cache":
+        from . import cache_attention
+        shrink = max(1, int(_value(args, "scale", d) or 1))
+        wanted = parse_list(_value(args, "scenario", d))
+        for (hq, hkv, hd, preset) in shapes:
+            for dt in dtypes:
+                for sc in cache_attention.scenarios(dt, hq, hkv, hd):
+                    if sc["scenario"] not in wanted:
+                        continue
+                    sc = cache_attention.shrink(sc, shrink) | {"preset": preset}
+                    # --batch (0 = the scenario's own) sets the number of multi-query sequences.
+                    for b in batches:
+                        configs.append(sc | {"batch": b} if b else sc)
     return configs
 
 
@@ -307,8 +332,8 @@ def _only(doc: dict, op: str) -> dict:
 
 
 def _run_sweep(op, configs, impls, args, device, copy_gbps, on_point=None):
-    from . import append, decode, prefill, runner
-    module = {"decode": decode, "prefill": prefill, "append": append}[op]
+    from . import append, cache_attention, decode, prefill, runner
+    module = {"decode": decode, "prefill": prefill, "append": append, "cache": cache_attention}[op]
     gpu = device.type == "cuda"
     opts = runner.SweepOptions(
         device=device, impls=impls, method=args.timer, cuda_graph=args.cuda_graph and gpu,

@@ -7,7 +7,8 @@
   flex              torch.nn.attention.flex_attention (compiled on GPU, eager on CPU)
   naive             plain PyTorch in the input dtype (the HF "eager" way: matmul, fp32 softmax,
                     matmul; paged caches gathered first)
-  flashinfer        FlashInfer's batch decode / ragged prefill / paged append, when importable
+  flashinfer        FlashInfer's batch decode / ragged prefill / paged append / paged prefill (cache
+                    attention), when importable
 
 `prepare(impl, case)` returns `fn(i)`, running the impl on input set i, or raises Unsupported
 with the reason. Layout conversions a peer needs (views, block-table metadata, plans) happen in
@@ -123,6 +124,9 @@ def _kvk(backend: str):
             fn = lambda i: kvkernels.append_kv(  # noqa: E731
                 s[i]["k_new"], s[i]["v_new"], s[i]["k_cache"], s[i]["v_cache"], s[i]["seqlens"],
                 block_table=s[i]["block_table"], k_scale=s[i]["k_scale"], v_scale=s[i]["v_scale"], backend=backend)
+        elif case.op == "cache":
+            from . import cache_attention
+            fn = cache_attention.run_kvkernels(case, backend)
         else:
             raise Unsupported(case.op)
         return _probe(fn)
@@ -162,8 +166,11 @@ def _sdpa(name: str):
     def prepare(case: Case):
         import torch.nn.functional as F
         from torch.nn.attention import sdpa_kernel
-        _dense_attention_only(case, name)
         backend = _sdpa_backends()[name]
+        if case.op == "cache":
+            from . import cache_attention
+            return _probe(cache_attention.prepare_sdpa(case, backend, _guard_materialised))
+        _dense_attention_only(case, name)
         cfg = case.config
         if name == "sdpa-math":
             sq = 1 if case.op == "decode" else cfg["seqlen"]
@@ -298,6 +305,9 @@ def _prepare_naive(case: Case):
         scale = 1.0 / math.sqrt(cfg["head_dim"])
         mask = torch.ones(S, S, dtype=torch.bool, device=case.device).tril() if cfg["causal"] else None
         fn = lambda i: naive_prefill(s[i]["q"], s[i]["k"], s[i]["v"], scale, mask)  # noqa: E731
+    elif case.op == "cache":
+        from . import cache_attention
+        fn = cache_attention.prepare_naive(case, _guard_materialised)
     elif case.op == "append":
         rows = case.shared["rows"]  # per set: (index tuple into the cache) for its [B * new] rows
 
@@ -396,6 +406,9 @@ def _prepare_flashinfer(case: Case):
             prepared.append((x["k_new"].reshape(-1, hkv, d), x["v_new"].reshape(-1, hkv, d), batch_idx, positions,
                              caches, indices, indptr, last))
         fn = lambda i: page.append_paged_kv_cache(*prepared[i], kv_layout="NHD")  # noqa: E731
+    elif case.op == "cache":
+        from . import cache_attention
+        fn = cache_attention.prepare_flashinfer(case, flashinfer, _flashinfer_plan)
     else:
         raise Unsupported(case.op)
     return _probe(fn)
@@ -420,6 +433,8 @@ OFFERED = {
     "decode": tuple(_PREPARE),
     "prefill": tuple(_PREPARE),
     "append": ("kvkernels-cuda", "kvkernels-triton", "flashinfer", "naive"),
+    "cache": ("kvkernels-cuda", "kvkernels-triton", "flashinfer", "sdpa-cudnn", "sdpa-efficient", "sdpa-math",
+              "naive"),
 }
 
 

@@ -36,7 +36,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-OPS = ("prefill", "decode", "append")
+OPS = ("prefill", "decode", "append", "cache")
 IMPLS = ("kvkernels-cuda", "kvkernels-triton", "flashinfer", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient",
          "sdpa-math", "flex", "naive")
 RECORD_KEYS = ("op", "impl", "config", "median_us", "bytes", "gbps", "fraction", "flops", "tflops")
@@ -233,7 +233,7 @@ def gpu_slug(name: str) -> str:
 
 # ------------------------------------------------------------------------------------ Markdown
 
-_LEN_KEY = {"decode": "context", "append": "context", "prefill": "seqlen"}
+_LEN_KEY = {"decode": "context", "append": "context", "prefill": "seqlen", "cache": "context"}
 
 
 def _fmt_bytes_rate(gbps: float) -> str:
@@ -251,6 +251,9 @@ def _point_label(op: str, cfg: dict) -> list[str]:
     cols = [str(cfg["batch"]), str(cfg.get(_LEN_KEY[op]))]
     if op == "append":
         cols.append(str(cfg.get("new_tokens")))
+    if op == "cache":
+        decodes = f" + {cfg['decode_batch']}×1 over {cfg['decode_context']}" if cfg.get("decode_batch") else ""
+        cols.append(f"{cfg.get('queries')}{decodes}")
     cols += [f"{cfg['hq']}/{cfg['hkv']}", str(cfg["head_dim"]), dtype]
     cols.append("causal" if cfg.get("causal") else "full") if op == "prefill" else cols.append(layout)
     return cols
@@ -260,10 +263,15 @@ def _headers(op: str) -> list[str]:
     cols = ["B", "ctx" if op != "prefill" else "S"]
     if op == "append":
         cols.append("new")
+    if op == "cache":
+        cols.append("queries")
     return cols + ["Hq/Hkv", "D", "dtype", "mask" if op == "prefill" else "layout"]
 
 
 def _cell(op: str, rec: dict) -> str:
+    if op == "cache":  # memory- or compute-bound by the point: both rates
+        return (f"{_fmt_us(rec['median_us'])} · {_fmt_bytes_rate(rec['gbps'])} ({100 * rec['fraction']:.0f}%) · "
+                f"{rec['tflops']:.1f} TFLOP/s")
     if op == "prefill":
         return f"{_fmt_us(rec['median_us'])} · {rec['tflops']:.1f} TFLOP/s"
     return f"{_fmt_us(rec['median_us'])} · {_fmt_bytes_rate(rec['gbps'])} ({100 * rec['fraction']:.0f}%)"
@@ -322,8 +330,10 @@ def to_markdown(doc: dict, *, images: dict[str, str] | None = None) -> str:
                 "(fraction of the copy ceiling).", ""]
     titles = {"decode": "Decode (bytes = K/V attended + q + out)",
               "prefill": "Prefill (FLOPs = 4·B·Sq·Sk·Hq·D, halved for causal)",
-              "append": "Append (bytes = new K/V read + cache slots written)"}
-    for op in ("decode", "prefill", "append"):
+              "append": "Append (bytes = new K/V read + cache slots written)",
+              "cache": "Cache attention (several queries per sequence; bytes = K/V attended + q + out, "
+                       "FLOPs = 4·Hq·D·positions seen)"}
+    for op in ("decode", "prefill", "append", "cache"):
         table = op_table(doc, op)
         if table:
             out += [f"## {titles[op]}", "", table, ""]
@@ -485,9 +495,9 @@ def plot_roofline(doc, path):
     xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
     ax.plot(xs, [min(peak, x * bw) for x in xs], "k-", linewidth=1.5,
             label=f"roofline: copy {_fmt_bytes_rate(c['copy_gbps'])}, bf16 matmul {peak:.3g} TFLOP/s")
-    markers = {"decode": "o", "prefill": "s"}
+    markers = {"decode": "o", "prefill": "s", "cache": "^"}
     for impl in _impl_order({r["impl"] for r in recs}):
-        for op in ("decode", "prefill"):
+        for op in ("decode", "prefill", "cache"):
             sel = [r for r in recs if r["impl"] == impl and r["op"] == op]
             if sel:
                 color = _STYLE.get(impl, ("k",))[0]
