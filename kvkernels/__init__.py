@@ -6,15 +6,18 @@ Public API (shapes: B batch, S sequence, Hq query heads, Hkv key/value heads, D 
                       max_seqlen_k, window_size, softcap, return_lse, backend)
     decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table, softmax_scale, window_left,
                      softcap, k_scale, v_scale, num_splits, return_lse, backend)
-    append_kv(k, v, k_cache, v_cache, cache_seqlens, *, block_table, k_scale, v_scale, backend)
+    append_kv(k, v, k_cache, v_cache, cache_seqlens, *, block_table, k_scale, v_scale, cu_seqlens, backend)
     append_kv_slots(k, v, k_cache, v_cache, slot_mapping, *, k_scale, v_scale, backend)
     merge_attention_states(out_a, lse_a, out_b, lse_b)
+    paged_kv_from_csr(kv_indptr, kv_indices, kv_last_page_len, page_size, *, max_pages_per_seq)
+                      -> (block_table, cache_seqlens)   # FlashInfer's CSR page lists, sync-free
 
 backend: None (auto), "cuda", "triton" or "reference"; see kvkernels.api.
 """
 
 from .api import append_kv, append_kv_slots, decode_attention, merge_attention_states, prefill_attention
 from .config import set_batch_invariant, set_checked_mode
+from .paging import paged_kv_from_csr
 
 __version__ = "0.1.0"
 
@@ -24,6 +27,7 @@ __all__ = [
     "append_kv",
     "append_kv_slots",
     "merge_attention_states",
+    "paged_kv_from_csr",
     "set_batch_invariant",
     "set_checked_mode",
 ]

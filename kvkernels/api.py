@@ -368,7 +368,8 @@ def append_kv(k, v, k_cache, v_cache, cache_seqlens, *, block_table=None, k_scal
         raise ValueError(f"cu_seqlens is only for ragged k/v [T, Hkv, D]; k is 4-D {list(k.shape)} "
                          f"[B, S_new, Hkv, D] (drop cu_seqlens, or pass k.flatten(0, 1))")
     if not ragged and isinstance(k, torch.Tensor) and k.dim() == 3:
-        raise ValueError(f"k is 3-D {list(k.shape)} (ragged [T, Hkv, D]): cu_seqlens int32 [B+1] is required")
+        raise ValueError(f"k must have 4 dimensions [B, S_new, Hkv, D], got shape {tuple(k.shape)}; a 3-D k is "
+                         f"ragged [T, Hkv, D] and needs cu_seqlens int32 [B+1]")
     _append_sources(k, v, k_cache, device, rank=3 if ragged else 4)
     if ragged:
         V.tensor("cu_seqlens", cu_seqlens, rank=1, dtypes=V.INDEX_DTYPES, device=device)
