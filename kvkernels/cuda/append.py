@@ -16,6 +16,8 @@ the call to Triton):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import has_op, layout_reason
@@ -27,7 +29,10 @@ _THREADS = 128  # kAppendThreads in csrc/kernels/append.cuh
 _MAX_GRID_Y = 65535
 
 
+@functools.lru_cache(maxsize=None)
 def _has_ragged() -> bool:
+    """An extension built before ragged appends has no cu_seqlens argument: auto selection then
+    gives ragged calls to Triton instead of failing in the raw op."""
     schema = torch.ops.kvkernels_C.append_kv.default._schema
     return any(a.name == "cu_seqlens" for a in schema.arguments)
 
