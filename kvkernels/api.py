@@ -20,7 +20,8 @@ resolved, causal folded into the window):
                    k_scale, v_scale, num_splits, batch_invariant) -> (out, lse)
   cache_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q, block_table, causal,
                   softmax_scale, window_left, softcap, k_scale, v_scale, num_splits, batch_invariant) -> (out, lse)
-  append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale) -> None
+  append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, cu_seqlens=None) -> None
+      (k/v [B, S_new, Hkv, D] with cu_seqlens None, or ragged [T, Hkv, D] with cu_seqlens int32 [B+1])
   append_kv_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None
   unsupported(op, **normalised args) -> str | None     # why this backend cannot run it
 """
@@ -77,10 +78,10 @@ class _ReferenceBackend:
         return out, lse.to(torch.float32)
 
     @staticmethod
-    def append_kv(k, v, k_cache, v_cache, seqlens, block_table, k_scale, v_scale):
+    def append_kv(k, v, k_cache, v_cache, seqlens, block_table, k_scale, v_scale, cu_seqlens=None):
         from . import reference
         reference.append_kv(k, v, k_cache, v_cache, seqlens, block_table=block_table,
-                            k_scale=k_scale, v_scale=v_scale)
+                            k_scale=k_scale, v_scale=v_scale, cu_seqlens=cu_seqlens)
 
     @staticmethod
     def append_kv_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
@@ -208,12 +209,13 @@ def _(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q, block_tabl
 @torch.library.custom_op("kvkernels::append_kv", mutates_args=("k_cache", "v_cache"))
 def _append_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor], k_scale: Optional[torch.Tensor],
-               v_scale: Optional[torch.Tensor], backend: str) -> None:
-    get_backend(backend).append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale)
+               v_scale: Optional[torch.Tensor], backend: str, cu_seqlens: Optional[torch.Tensor] = None) -> None:
+    # cu_seqlens (ragged k/v [T, Hkv, D]) comes last, with a default, so dense calls keep their arguments.
+    get_backend(backend).append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, cu_seqlens)
 
 
 @_append_op.register_fake
-def _(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, backend):
+def _(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, backend, cu_seqlens=None):
     return None
 
 
@@ -452,19 +454,38 @@ def _append_sources(k, v, k_cache, device, rank):
 
 
 def append_kv(k, v, k_cache, v_cache, cache_seqlens, *, block_table=None, k_scale=None, v_scale=None,
-              backend=None) -> None:
+              cu_seqlens=None, backend=None) -> None:
     """Write new keys/values into the cache in place.
 
-    k/v [B, S_new, Hkv, D]: token i of sequence b goes to position cache_seqlens[b] + i (through
-    block_table when paged). cache_seqlens is not modified. fp8 caches store saturate(value / scale).
-    Nothing outside the written slots changes, bit for bit.
+    dense:  k/v [B, S_new, Hkv, D]
+    ragged: k/v [T, Hkv, D] with cu_seqlens int32 [B+1]: sequence b's n_b = cu_seqlens[b+1] - cu_seqlens[b]
+            tokens are rows cu_seqlens[b] .. cu_seqlens[b+1] - 1 (n_b may be 0), so a batch mixing
+            1-token decodes and long prompt chunks appends in one launch.
+    Token i of sequence b goes to position cache_seqlens[b] + i (through block_table when paged).
+    cache_seqlens is not modified. fp8 caches store saturate(value / scale). Nothing outside the
+    written slots changes, bit for bit. Index values (cu_seqlens offsets, capacity per sequence, pages,
+    a slot written twice through a shared page) are checked where that costs no device sync (CPU
+    tensors, or checked mode); a call that fails validation writes nothing.
     """
     if not isinstance(k_cache, torch.Tensor):
         raise TypeError(f"k_cache must be a torch.Tensor, got {type(k_cache).__name__}")
     device = k_cache.device
     V.cache_pair(k_cache, v_cache, device)
-    _append_sources(k, v, k_cache, device, rank=4)
-    B, s_new = k.shape[:2]
+    ragged = cu_seqlens is not None
+    if ragged and isinstance(k, torch.Tensor) and k.dim() == 4:
+        raise ValueError(f"cu_seqlens is only for ragged k/v [T, Hkv, D]; k is 4-D {list(k.shape)} "
+                         f"[B, S_new, Hkv, D] (drop cu_seqlens, or pass k.flatten(0, 1))")
+    if not ragged and isinstance(k, torch.Tensor) and k.dim() == 3:
+        raise ValueError(f"k must have 4 dimensions [B, S_new, Hkv, D], got shape {tuple(k.shape)}; a 3-D k is "
+                         f"ragged [T, Hkv, D] and needs cu_seqlens int32 [B+1]")
+    _append_sources(k, v, k_cache, device, rank=3 if ragged else 4)
+    if ragged:
+        V.tensor("cu_seqlens", cu_seqlens, rank=1, dtypes=V.INDEX_DTYPES, device=device)
+        if cu_seqlens.shape[0] < 1:
+            raise ValueError(f"cu_seqlens must have shape [batch + 1], got {list(cu_seqlens.shape)}")
+        B, s_new = cu_seqlens.shape[0] - 1, 0
+    else:
+        B, s_new = k.shape[:2]
     hkv = k_cache.shape[2]
     V.cache_seqlens(cache_seqlens, B, device)
     if block_table is not None:
@@ -473,11 +494,12 @@ def append_kv(k, v, k_cache, v_cache, cache_seqlens, *, block_table=None, k_scal
         raise ValueError(f"contiguous k_cache/v_cache must have shape [B={B}, S_max, Hkv, D], got {list(k_cache.shape)} "
                          f"(pass block_table for a paged cache)")
     k_scale, v_scale = V.fp8_scales(k_scale, v_scale, k_cache.dtype, hkv, device)
-    V.cache_index_values(k_cache, cache_seqlens, block_table, extra=s_new)
+    V.append_index_values(k_cache, cache_seqlens, block_table, cu_seqlens, s_new, k.shape[0])
 
     backend = resolve_backend("append", backend, device, k=k, v=v, k_cache=k_cache, v_cache=v_cache,
-                              paged=block_table is not None)
-    torch.ops.kvkernels.append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, backend)
+                              paged=block_table is not None, ragged=ragged)
+    torch.ops.kvkernels.append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, backend,
+                                  cu_seqlens)
 
 
 def append_kv_slots(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None, backend=None) -> None:

@@ -233,16 +233,21 @@ def cache_attention(q, k_cache, v_cache, cache_seqlens, *, cu_seqlens_q=None, bl
     return out, lse
 
 
-def append_kv(k, v, k_cache, v_cache, cache_seqlens, *, block_table=None, k_scale=None, v_scale=None):
+def append_kv(k, v, k_cache, v_cache, cache_seqlens, *, block_table=None, k_scale=None, v_scale=None,
+              cu_seqlens=None):
     """Write token i of sequence b at position cache_seqlens[b] + i, in place. Returns None.
 
-    k/v [B, S_new, Hkv, D]; caches as in decode_attention. cache_seqlens is not modified.
+    dense:  k/v [B, S_new, Hkv, D]
+    ragged: k/v [T, Hkv, D] with cu_seqlens int [B+1]: sequence b's tokens are rows
+            cu_seqlens[b] .. cu_seqlens[b+1] - 1
+    caches as in decode_attention. cache_seqlens is not modified.
     """
-    S_new = k.shape[1]
+    cu = None if cu_seqlens is None else cu_seqlens.tolist()
     for b, start in enumerate(cache_seqlens.tolist()):
-        pos = torch.arange(start, start + S_new, device=k.device)
-        for src, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
-            values = quantize(src[b], scale, cache.dtype)
+        kb, vb = (k[b], v[b]) if cu is None else (k[cu[b]:cu[b + 1]], v[cu[b]:cu[b + 1]])  # [n_b, Hkv, D]
+        pos = torch.arange(start, start + kb.shape[0], device=kb.device)
+        for src, cache, scale in ((kb, k_cache, k_scale), (vb, v_cache, v_scale)):
+            values = quantize(src, scale, cache.dtype)
             if block_table is None:
                 cache[b, pos] = values
             else:

@@ -224,3 +224,50 @@ def query_counts(seqlens: torch.Tensor, cu_q: torch.Tensor | None, max_seqlen_q:
         b = int(short.nonzero()[0])
         raise ValueError(f"sequence {b} has {int(counts[b])} queries but cache_seqlens[{b}] = {int(seqlens[b])}: "
                          f"the cache must already hold the queries' own keys and values (append them first)")
+def append_index_values(k_cache: torch.Tensor, seqlens: torch.Tensor, bt: torch.Tensor | None,
+                        cu: torch.Tensor | None, s_new: int, total: int) -> None:
+    """The index values of an append (dense: s_new tokens per sequence; ragged: cu_seqlens [B+1] over
+    `total` tokens), read with one synchronisation in all; a no-op unless values_checkable().
+
+    cu_seqlens: starts at 0, non-decreasing, ends at total. Each sequence's end cache_seqlens[b] + n_b
+    within the capacity, the block-table entries it needs valid pages, and no cache slot written by
+    two tokens (two sequences sharing a page, both appending to the same rows: the result would
+    depend on which write lands last).
+    """
+    if not values_checkable(seqlens, bt, cu):
+        return
+    seqlens, bt, cu = host_copies(seqlens, bt, cu)
+    if cu is None:
+        counts = torch.full_like(seqlens, s_new, dtype=torch.int64)  # [B]
+    else:
+        cu_seqlens("cu_seqlens", cu, total, cu.device)  # host copy: no further sync
+        counts = (cu[1:] - cu[:-1]).to(torch.int64)
+    if seqlens.numel() == 0:
+        return
+    starts = seqlens.to(torch.int64)
+    if int(starts.min()) < 0:
+        raise ValueError(f"cache_seqlens must be >= 0, got {int(starts.min())}")
+    ends = starts + counts  # [B]
+    page_size = k_cache.shape[1]
+    capacity = k_cache.shape[1] if bt is None else bt.shape[1] * page_size
+    what = "(S_max of the contiguous cache)" if bt is None else "(max_pages * page_size of the paged cache)"
+    over = (ends > capacity).nonzero()
+    if over.numel():
+        b = int(over[0])
+        raise ValueError(f"append of {int(counts[b])} tokens to sequence {b} would run past the cache's capacity: "
+                         f"cache_seqlens[{b}] = {int(starts[b])}, capacity {capacity} {what}")
+    if bt is None:
+        return  # sequence b owns cache row b: no two sequences meet
+    block_table_values(bt, ends, 0, page_size, k_cache.shape[0])
+    # The slot (page * page_size + row) of every appended token.
+    seq = torch.repeat_interleave(torch.arange(counts.numel()), counts)  # [T]
+    first = torch.cumsum(counts, 0) - counts  # [B]
+    pos = starts[seq] + torch.arange(seq.numel()) - first[seq]  # [T]
+    slots = bt[seq, pos // page_size].to(torch.int64) * page_size + pos % page_size
+    unique, hits = torch.unique(slots, return_counts=True)
+    if unique.numel() != slots.numel():
+        shared = int(unique[(hits > 1).nonzero()[0]])
+        who = sorted({int(b) for b in seq[slots == shared]})
+        raise ValueError(f"the append writes row {shared % page_size} of page {shared // page_size} twice, from "
+                         f"sequence(s) {who} (block_table maps two appended positions to one slot, e.g. a page "
+                         f"shared between sequences): the result would be undefined")

@@ -126,6 +126,223 @@ def test_paged_append_is_bit_exact(backend, device, case, page_size, starts, s_n
     assert_only_rows_written(vc, before_v, expect_v, written)
 
 
+# ---------------------------------------------------------------------------- ragged append_kv
+
+
+def ragged_layout(layout, starts, counts, gen, device, cache_dtype, hkv=2, d=64):
+    """Poisoned caches for a ragged append -> (k_cache, v_cache, block_table or None, written(seq, pos) -> rows).
+
+    layout "contiguous" ([B, S_max, Hkv, D]) or "paged-<page_size>" (shuffled table over spare pages)."""
+    B = len(starts)
+    end = max((s + n for s, n in zip(starts, counts)), default=1)
+    if layout == "contiguous":
+        shape, table = (B, end + 3, hkv, d), None
+    else:
+        page_size = int(layout.split("-")[1])
+        max_pages = -(-end // page_size) + 1  # one column more than needed
+        num_pages = B * max_pages + 3  # spare pages stay poisoned
+        shape = (num_pages, page_size, hkv, d)
+        table = shuffled_table(B, max_pages, num_pages, gen, device)
+    return poisoned(shape, cache_dtype, device), poisoned(shape, cache_dtype, device), table
+
+
+def ragged_written(cache, table, starts, counts):
+    """bool [rows of cache.shape[:2]]: the rows a ragged append of these sequences addresses."""
+    written = torch.zeros(cache.shape[:2], dtype=torch.bool)
+    for b, (start, n) in enumerate(zip(starts, counts)):
+        for pos in range(start, start + n):
+            if table is None:
+                written[b, pos] = True
+            else:
+                page_size = cache.shape[1]
+                written[int(table[b, pos // page_size]), pos % page_size] = True
+    return written
+
+
+def cu_tensor(counts, device="cpu"):
+    return lengths_tensor([0] + torch.tensor(counts, dtype=torch.int64).cumsum(0).tolist(), device)
+
+
+# Decodes (1 token), nothing (0), a speculative step (7), a prompt chunk (LONG), crossing page boundaries.
+RAGGED_STARTS = [0, 3, 15, 16, 255, 1, 40]
+
+
+def ragged_counts(device):
+    # The Triton interpreter runs one Python program per token (~0.1 s here): on the CPU the prompt
+    # chunk is 40 tokens (still several pages of 16, 40 pages of 1), on a GPU 500.
+    long = 500 if device == "cuda" else 40
+    return [1, 0, 7, long, 1, 17, 0]
+
+
+RAGGED_CASES = [(layout, case) for layout in ("contiguous", "paged-1", "paged-16", "paged-256")
+                for case in ("fp16", "fp8-from-bf16-per-head")]
+RAGGED_CASES += [("paged-16", case) for case in DTYPE_CASES if case not in ("fp16", "fp8-from-bf16-per-head")]
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("layout,case", RAGGED_CASES)
+def test_ragged_append_is_bit_exact(backend, device, layout, case):
+    """A mixed batch in one call: every sequence's n_b tokens land at cache_seqlens[b] + i, bit for bit
+    the reference's, and every other row (other sequences' rows, spare pages) keeps its poison."""
+    cache_dtype, src_dtype, scale_kind = DTYPE_CASES[case]
+    gen = seeded(11)
+    starts, counts = RAGGED_STARTS, ragged_counts(device)
+    kc, vc, table = ragged_layout(layout, starts, counts, gen, device, cache_dtype)
+    k, v = sources((sum(counts), 2, 64), src_dtype, gen, device, cache_dtype == FP8)
+    scales, ref_scales = make_scales(scale_kind, 2, gen, device)
+    seqlens, cu = lengths_tensor(starts, device), cu_tensor(counts, device)
+    before_k, before_v = kc.clone(), vc.clone()
+    expect_k, expect_v = kc.clone(), vc.clone()
+    reference.append_kv(k, v, expect_k, expect_v, seqlens, block_table=table, cu_seqlens=cu, **ref_scales)
+
+    kvkernels.append_kv(k, v, kc, vc, seqlens, block_table=table, cu_seqlens=cu, backend=backend, **scales)
+
+    written = ragged_written(kc, None if table is None else table.cpu(), starts, counts)
+    assert int(written.sum()) == sum(counts)
+    assert_only_rows_written(kc, before_k, expect_k, written)
+    assert_only_rows_written(vc, before_v, expect_v, written)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged-1", "paged-16", "paged-256"])
+@pytest.mark.parametrize("case", list(DTYPE_CASES))
+def test_ragged_reference_is_a_per_token_write(layout, case):
+    """The oracle itself, against a loop writing one token at a time (n_b up to 500)."""
+    cache_dtype, src_dtype, scale_kind = DTYPE_CASES[case]
+    gen = seeded(12)
+    starts, counts = RAGGED_STARTS, ragged_counts("cuda")
+    kc, vc, table = ragged_layout(layout, starts, counts, gen, "cpu", cache_dtype)
+    k, v = sources((sum(counts), 2, 64), src_dtype, gen, "cpu", cache_dtype == FP8)
+    _, scales = make_scales(scale_kind, 2, gen, "cpu")
+    expect_k, expect_v = kc.clone(), vc.clone()
+    t = 0
+    for b, (start, n) in enumerate(zip(starts, counts)):
+        for i in range(n):
+            pos = start + i
+            page, row = (b, pos) if table is None else (int(table[b, pos // kc.shape[1]]), pos % kc.shape[1])
+            expect_k[page, row] = reference.quantize(k[t], scales.get("k_scale"), cache_dtype)
+            expect_v[page, row] = reference.quantize(v[t], scales.get("v_scale"), cache_dtype)
+            t += 1
+    reference.append_kv(k, v, kc, vc, lengths_tensor(starts), block_table=table, cu_seqlens=cu_tensor(counts),
+                        **scales)
+    assert torch.equal(bits(kc), bits(expect_k)) and torch.equal(bits(vc), bits(expect_v))
+
+
+@pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference-cpu")] + kernel_backends())
+def test_ragged_append_with_equal_counts_is_the_dense_append(backend, device):
+    gen = seeded(13)
+    B, s_new, hkv, d = 3, 5, 2, 64
+    k, v = sources((B, s_new, hkv, d), torch.float16, gen, device, fp8=False)
+    table = shuffled_table(B, 3, 11, gen, device)
+    seqlens = lengths_tensor([0, 11, 27], device)
+    dense_k, dense_v = poisoned((11, 16, hkv, d), torch.float16, device), poisoned((11, 16, hkv, d), torch.float16, device)
+    ragged_k, ragged_v = dense_k.clone(), dense_v.clone()
+    kvkernels.append_kv(k, v, dense_k, dense_v, seqlens, block_table=table, backend=backend)
+    kvkernels.append_kv(k.flatten(0, 1), v.flatten(0, 1), ragged_k, ragged_v, seqlens, block_table=table,
+                        cu_seqlens=cu_tensor([s_new] * B, device), backend=backend)
+    assert torch.equal(bits(ragged_k), bits(dense_k)) and torch.equal(bits(ragged_v), bits(dense_v))
+
+
+@pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference-cpu")] + kernel_backends())
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_empty_ragged_appends_write_nothing(backend, device, paged):
+    """B = 0 (cu_seqlens [0]), and sequences that all add 0 tokens (T = 0)."""
+    hkv, d = 2, 64
+    for B in (0, 3):
+        shape = (5, 4, hkv, d) if paged else (B, 8, hkv, d)
+        kc = poisoned(shape, torch.float16, device)
+        vc = poisoned(shape, torch.float16, device)
+        before_k, before_v = kc.clone(), vc.clone()
+        table = torch.zeros(B, 2, dtype=torch.int32, device=device) if paged else None
+        k = torch.empty(0, hkv, d, dtype=torch.float16, device=device)
+        kvkernels.append_kv(k, k, kc, vc, lengths_tensor([1] * B, device), block_table=table,
+                            cu_seqlens=cu_tensor([0] * B, device), backend=backend)
+        assert torch.equal(bits(kc), bits(before_k)) and torch.equal(bits(vc), bits(before_v))
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_ragged_kernels_skip_tokens_outside_every_sequence_or_the_cache(backend, device, paged):
+    """Past the API's checks (device values unread without checked mode), a cu_seqlens that does not
+    start at 0 or stops short of T leaves tokens in no sequence, and a sequence may run past its
+    capacity: the kernels write the tokens that have a row and skip the rest, touching nothing else."""
+    gen = seeded(14)
+    hkv, d = 2, 64
+    T = 12
+    cu = [2, 4, 4, 9]  # tokens 0, 1 and 9..11 belong to no sequence; sequence 1 is empty
+    starts = [3, 0, 5]  # sequence 2: positions 5..9, past a capacity of 8
+    k, v = sources((T, hkv, d), torch.float16, gen, device, fp8=False)
+    if paged:
+        shape = (7, 4, hkv, d)
+        table = torch.tensor([[5, 1], [0, 2], [3, -1]], dtype=torch.int32)  # sequence 2's 2nd page: not a page
+    else:
+        shape, table = (3, 8, hkv, d), None
+    kc, vc = poisoned(shape, torch.float16, device), poisoned(shape, torch.float16, device)
+    expect_k, expect_v = kc.clone(), vc.clone()
+    for b in range(3):
+        for i in range(cu[b + 1] - cu[b]):
+            pos = starts[b] + i
+            if table is None:
+                if pos >= shape[1]:
+                    continue
+                page, row = b, pos
+            else:
+                page, row = int(table[b, pos // 4]) if pos // 4 < 2 else -1, pos % 4
+                if page < 0:
+                    continue
+            expect_k[page, row] = k[cu[b] + i]
+            expect_v[page, row] = v[cu[b] + i]
+    impl = api.get_backend(backend)
+    impl.append_kv(k, v, kc, vc, lengths_tensor(starts, device), None if table is None else table.to(device),
+                   None, None, lengths_tensor(cu, device))
+    assert torch.equal(bits(kc), bits(expect_k)) and torch.equal(bits(vc), bits(expect_v))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["triton"] if INTERPRET else []))
+def test_opcheck_ragged_append(backend):
+    """The custom op with cu_seqlens: schema (caches mutated), fake impl, AOT dispatch."""
+    gen = seeded(15)
+    kc, vc = randn(7, 4, 2, 16, gen=gen), randn(7, 4, 2, 16, gen=gen)
+    k = randn(6, 2, 16, gen=gen)
+    table = torch.tensor([[3, 0], [5, 1], [6, 2]], dtype=torch.int32)
+    args = (k, k, kc, vc, lengths_tensor([1, 0, 6]), table, None, None, backend, cu_tensor([4, 0, 2]))
+    torch.library.opcheck(torch.ops.kvkernels.append_kv.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_compiled_ragged_append_matches_eager():
+    gen = seeded(16)
+    kc = poisoned((6, 4, 2, 16), torch.float16, "cpu")
+    vc = kc.clone()
+    k, v = randn(5, 2, 16, gen=gen), randn(5, 2, 16, gen=gen)
+    table = torch.tensor([[2, 4], [0, 5]], dtype=torch.int32)
+    seqlens, cu = lengths_tensor([3, 1]), cu_tensor([1, 4])
+
+    def step(k, v, kc, vc):
+        kvkernels.append_kv(k, v, kc, vc, seqlens, block_table=table, cu_seqlens=cu)
+
+    kc2, vc2 = kc.clone(), vc.clone()
+    step(k, v, kc, vc)
+    torch.compile(step, fullgraph=True, backend="aot_eager")(k, v, kc2, vc2)
+    assert torch.equal(bits(kc), bits(kc2)) and torch.equal(bits(vc), bits(vc2))
+
+
+def test_cuda_raw_op_schema_takes_optional_cu_seqlens():
+    """The extension's raw op (no GPU needed to read its schema): cu_seqlens is an optional tensor
+    defaulting to None, after the old arguments, so dense callers are unchanged; the caches are written."""
+    from kvkernels import cuda
+
+    if not cuda.has_op("append_kv"):
+        pytest.skip("the CUDA extension is not built")
+    schema = torch.ops.kvkernels_C.append_kv.default._schema
+    names = [a.name for a in schema.arguments]
+    assert names == ["k", "v", "k_cache", "v_cache", "cache_seqlens", "block_table", "k_scale", "v_scale",
+                     "cu_seqlens"]
+    cu = schema.arguments[-1]
+    assert str(cu.type) == "Optional[Tensor]" and cu.default_value is None and cu.has_default_value()
+    written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    assert written == {"k_cache", "v_cache"} and len(schema.returns) == 0
+
+
 # ----------------------------------------------------------------------------- append_kv_slots
 
 
@@ -395,6 +612,32 @@ def test_append_is_cuda_graph_capturable(backend):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(bits(kc), bits(expect_k)) and torch.equal(bits(vc), bits(expect_v))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_ragged_append_is_cuda_graph_capturable(backend):
+    """One captured launch for a mixed batch; replayed with new lengths and offsets (same shapes)."""
+    gen = seeded(17)
+    k, v = sources((40, 8, 128), torch.bfloat16, gen, "cuda", fp8=False)
+    kc, vc = poisoned((64, 16, 8, 128), torch.bfloat16, "cuda"), poisoned((64, 16, 8, 128), torch.bfloat16, "cuda")
+    table = shuffled_table(4, 16, 64, gen, "cuda")
+    seqlens, cu = lengths_tensor([0, 5, 17, 100], "cuda"), cu_tensor([1, 30, 0, 9], "cuda")
+    kvkernels.append_kv(k, v, kc, vc, seqlens, block_table=table, cu_seqlens=cu, backend=backend)  # warm-up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kvkernels.append_kv(k, v, kc, vc, seqlens, block_table=table, cu_seqlens=cu, backend=backend)
+    for lens, counts in (([0, 5, 17, 100], [1, 30, 0, 9]), ([3, 0, 200, 7], [20, 1, 19, 0])):
+        kc.fill_(float("nan"))
+        vc.fill_(float("nan"))
+        seqlens.copy_(lengths_tensor(lens, "cuda"))
+        cu.copy_(cu_tensor(counts, "cuda"))
+        expect_k, expect_v = kc.clone(), vc.clone()
+        reference.append_kv(k, v, expect_k, expect_v, seqlens, block_table=table, cu_seqlens=cu)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(bits(kc), bits(expect_k)) and torch.equal(bits(vc), bits(expect_v))
 
 
 @pytest.mark.gpu

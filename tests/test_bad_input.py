@@ -217,3 +217,86 @@ def test_device_values_unchecked_without_checked_mode_are_documented(monkeypatch
     assert not validation.values_checkable(fake_cuda)
     with kvkernels.set_checked_mode():
         assert validation.values_checkable(fake_cuda)
+
+
+def ragged_append_args(paged=False, **over):
+    """Three sequences appending 2, 0 and 3 tokens (T = 5) to a cache of capacity 8 (paged: 3 pages of 4)."""
+    gen = seeded(6)
+    shape = (9, PAGE, HKV, D) if paged else (3, SMAX, HKV, D)
+    args = dict(k=randn(5, HKV, D, gen=gen), v=randn(5, HKV, D, gen=gen), k_cache=randn(*shape, gen=gen),
+                v_cache=randn(*shape, gen=gen), cache_seqlens=lengths_tensor([3, 8, 5]),
+                cu_seqlens=lengths_tensor([0, 2, 2, 5]))
+    if paged:
+        args["block_table"] = torch.tensor([[4, 0, 5], [1, 2, 3], [6, 7, 8]], dtype=torch.int32)
+    args.update(over)
+    return args
+
+
+RAGGED_APPEND_CASES = {
+    "cu_seqlens with 4-D k": (ragged_append_args(k=randn(3, 2, HKV, D), v=randn(3, 2, HKV, D)), ValueError,
+                              "cu_seqlens is only for ragged"),
+    "3-D k without cu_seqlens": (ragged_append_args(cu_seqlens=None), ValueError, "needs cu_seqlens"),
+    "cu_seqlens dtype": (ragged_append_args(cu_seqlens=torch.tensor([0, 2, 2, 5])), TypeError, "cu_seqlens"),
+    "cu_seqlens rank": (ragged_append_args(cu_seqlens=lengths_tensor([0, 2, 2, 5]).reshape(2, 2)), ValueError,
+                        "cu_seqlens must have 1 dimensions"),
+    "cu_seqlens empty": (ragged_append_args(cu_seqlens=lengths_tensor([])), ValueError, r"\[batch \+ 1\]"),
+    "cu_seqlens device": (ragged_append_args(cu_seqlens=torch.zeros(4, dtype=torch.int32, device="meta")),
+                          ValueError, "cu_seqlens is on meta"),
+    "cu_seqlens total": (ragged_append_args(cu_seqlens=lengths_tensor([0, 2, 2, 4])), ValueError,
+                         r"cu_seqlens\[-1\] = 4 must equal the total number of tokens 5"),
+    "cu_seqlens not monotone": (ragged_append_args(cu_seqlens=lengths_tensor([0, 3, 2, 5])), ValueError,
+                                "non-decreasing"),
+    "cu_seqlens start": (ragged_append_args(cu_seqlens=lengths_tensor([1, 2, 2, 5])), ValueError,
+                         r"cu_seqlens\[0\] must be 0"),
+    "cache_seqlens batch": (ragged_append_args(cache_seqlens=lengths_tensor([3, 8])), ValueError,
+                            "cache_seqlens must have shape"),
+    "contiguous batch": (ragged_append_args(k_cache=randn(2, SMAX, HKV, D), v_cache=randn(2, SMAX, HKV, D)),
+                         ValueError, "contiguous k_cache/v_cache must have shape"),
+    "block_table batch": (ragged_append_args(paged=True, block_table=torch.zeros(2, 3, dtype=torch.int32)),
+                          ValueError, "block_table must have shape"),
+    # sequence 2 holds 5 and adds 3 tokens (8: fits); sequence 0 at 7 adding 2 does not
+    "past capacity": (ragged_append_args(cache_seqlens=lengths_tensor([7, 8, 5])), ValueError,
+                      r"append of 2 tokens to sequence 0 would run past the cache's capacity: cache_seqlens\[0\] = 7"),
+    "paged past capacity": (ragged_append_args(paged=True, cache_seqlens=lengths_tensor([3, 0, 10])), ValueError,
+                            r"append of 3 tokens to sequence 2 would run past .* capacity 12"),
+    "empty sequence past capacity": (ragged_append_args(cache_seqlens=lengths_tensor([3, 9, 5])), ValueError,
+                                     r"sequence 1 would run past"),
+    "negative length": (ragged_append_args(cache_seqlens=lengths_tensor([3, -1, 5])), ValueError, ">= 0"),
+    "bad page": (ragged_append_args(paged=True, block_table=torch.tensor([[4, 0, 5], [1, 2, 3], [6, 9, 8]],
+                                                                         dtype=torch.int32)),
+                 ValueError, r"block_table\[2, 1\] = 9"),
+    # sequences 0 and 2 share page 5 (a shared prefix); both append into its rows 3 and 0..: one slot twice
+    "shared page written twice": (ragged_append_args(paged=True, cache_seqlens=lengths_tensor([3, 0, 3]),
+                                                     block_table=torch.tensor([[4, 5, 0], [1, 2, 3], [4, 5, 8]],
+                                                                              dtype=torch.int32)),
+                                  ValueError, r"writes row 3 of page 4 twice, from sequence\(s\) \[0, 2\]"),
+    "k rows differ from cache": (ragged_append_args(k=randn(5, 1, D), v=randn(5, 1, D)), ValueError, r"\[Hkv, D\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(RAGGED_APPEND_CASES))
+def test_ragged_append_rejects_and_leaves_caches_untouched(case):
+    args, exc, match = RAGGED_APPEND_CASES[case]
+    a = dict(args)
+    before = _snapshot(a["k_cache"], a["v_cache"])
+    with pytest.raises(exc, match=match):
+        kvkernels.append_kv(a.pop("k"), a.pop("v"), a.pop("k_cache"), a.pop("v_cache"), a.pop("cache_seqlens"), **a)
+    assert _bit_identical(args["k_cache"], before[0]) and _bit_identical(args["v_cache"], before[1])
+
+
+def test_ragged_append_may_share_pages_it_does_not_write_twice():
+    """Sharing a page is fine (a common prefix); only two writes to one slot are refused."""
+    args = ragged_append_args(paged=True, cache_seqlens=lengths_tensor([4, 0, 8]),
+                              block_table=torch.tensor([[4, 5, 0], [1, 2, 3], [4, 6, 8]], dtype=torch.int32))
+    a = dict(args)
+    kvkernels.append_kv(a.pop("k"), a.pop("v"), a.pop("k_cache"), a.pop("v_cache"), a.pop("cache_seqlens"), **a)
+
+
+def test_dense_append_into_a_shared_page_twice_is_rejected():
+    args = append_args(paged=True, cache_seqlens=lengths_tensor([3, 3]),
+                       block_table=torch.tensor([[4, 0, 5], [4, 2, 3]], dtype=torch.int32))
+    a = dict(args)
+    before = _snapshot(a["k_cache"], a["v_cache"])
+    with pytest.raises(ValueError, match="twice"):
+        kvkernels.append_kv(a.pop("k"), a.pop("v"), a.pop("k_cache"), a.pop("v_cache"), a.pop("cache_seqlens"), **a)
+    assert _bit_identical(args["k_cache"], before[0]) and _bit_identical(args["v_cache"], before[1])

@@ -2,7 +2,8 @@
 //
 // Memory-bound and trivially parallel: one thread moves one 16-byte vector of the cache row of one
 // (token, head), for K and for V, so every store is a 128-bit STG and the two loads are in flight
-// together. Which row a token goes to is the only logic (AppendMode, launch/append.h); a position,
+// together. Which row a token goes to is the only logic (AppendMode, launch/append.h; a ragged batch
+// finds each token's sequence by binary search over cu_seqlens in the kernel); a position,
 // page or slot outside the cache is skipped, never accessed (the public API rejects them when it
 // can see the indices without a device sync; this is the guarantee when it cannot).
 //
@@ -72,6 +73,31 @@ __host__ __device__ __forceinline__ bool append_cache_row(const AppendParams& p,
   }
 }
 
+// Ragged append: the sequence b of token t, the last b in [0, B) with cu_seqlens[b] <= t, found by
+// binary search (ceil(log2 B) dependent loads of a [B + 1] array that the whole grid reads, so L1/L2
+// hits after the first warps; no host-side token -> sequence map, so nothing to build or sync), and
+// t's index i = t - cu_seqlens[b] in it. false when t lies in no sequence (cu_seqlens[b] <= t <
+// cu_seqlens[b + 1] fails): only with a cu_seqlens that is not valid offsets (the API rejects those
+// when it can read them); every load stays inside [0, B].
+__host__ __device__ __forceinline__ bool ragged_sequence(const AppendParams& p, int32_t t, int32_t& b, int32_t& i) {
+  if (p.batch <= 0) return false;
+  int32_t lo = 0, hi = p.batch - 1;
+  while (lo < hi) {
+    const int32_t mid = lo + (hi - lo + 1) / 2;  // in (lo, hi]: the interval shrinks every step
+    if (p.cu_seqlens[mid * p.cu_stride] <= t) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  const int32_t start = p.cu_seqlens[lo * p.cu_stride];
+  const int32_t end = p.cu_seqlens[(lo + 1) * p.cu_stride];
+  if (t < start || t >= end) return false;
+  b = lo;
+  i = t - start;
+  return true;
+}
+
 // IEEE division, round to nearest even, whatever the compiler flags.
 __host__ __device__ __forceinline__ float div_rn(float a, float b) {
 #ifdef __CUDA_ARCH__
@@ -103,40 +129,52 @@ __host__ __device__ __forceinline__ uint4 append_convert(const uint4 (&src)[Appe
 
 // One thread of the launch: block (block_x, block_y), thread thread_x of kAppendThreads.
 // grid (ceil(tokens / tokens_per_block), ceil(Hkv * vecs_per_head / kAppendThreads)).
-// Thread -> (token, head h, vector c of the head's row). tokens = B * S_new (< 2^31, host-checked).
-// Host-callable too, so the whole launch can be emulated on a CPU.
-template <typename Src, typename Cache, AppendMode kMode, typename SlotT>
+// Thread -> (token, head h, vector c of the head's row). tokens = B * S_new, or T when ragged
+// (< 2^31, host-checked). Host-callable too, so the whole launch can be emulated on a CPU.
+template <typename Src, typename Cache, AppendMode kMode, typename SlotT, bool kRagged = false>
 __host__ __device__ __forceinline__ void append_thread(const AppendParams& p, int32_t block_x, int32_t block_y,
                                                        int32_t thread_x) {
   using Tr = AppendTraits<Src, Cache>;
+  static_assert(!kRagged || kMode != AppendMode::kSlots, "slots address tokens directly: no ragged variant");
   const int32_t row_vecs = p.num_heads * p.vecs_per_head;  // vectors per token, all heads
   const int32_t lanes = row_vecs < kAppendThreads ? row_vecs : kAppendThreads;
   const int32_t sub = thread_x / lanes;  // token within the block
   const int32_t w = block_y * kAppendThreads + thread_x % lanes;
   const int64_t token = static_cast<int64_t>(block_x) * p.tokens_per_block + sub;
-  if (sub >= p.tokens_per_block || w >= row_vecs || token >= static_cast<int64_t>(p.batch) * p.seq_new) return;
-  const int32_t b = static_cast<int32_t>(token) / p.seq_new;
-  const int32_t i = static_cast<int32_t>(token) - b * p.seq_new;
+  if (sub >= p.tokens_per_block || w >= row_vecs || token >= append_num_tokens(p)) return;
+  const int32_t t = static_cast<int32_t>(token);
   const int32_t h = w / p.vecs_per_head;
   const int32_t c = w - h * p.vecs_per_head;
 
-  int64_t page, row;
-  if (!append_cache_row<kMode, SlotT>(p, b, i, page, row)) return;
-
+  // The source row: token t of [T, 1, Hkv, D] (ragged, slots), or (b, i) of [B, S_new, Hkv, D].
+  int32_t b = t, i = 0;
+  if constexpr (!kRagged && kMode != AppendMode::kSlots) {
+    b = t / p.seq_new;
+    i = t - b * p.seq_new;
+  }
   const int64_t col = static_cast<int64_t>(c) * Tr::kCacheElems;  // first element of the vector
   const Src* k_src = static_cast<const Src*>(p.k) + b * p.k_stride_b + i * p.k_stride_s + h * p.k_stride_h + col;
   const Src* v_src = static_cast<const Src*>(p.v) + b * p.v_stride_b + i * p.v_stride_s + h * p.v_stride_h + col;
-  Cache* k_dst = static_cast<Cache*>(p.k_cache) + page * p.kc_stride_page + row * p.kc_stride_row +
-                 h * p.kc_stride_h + col;
-  Cache* v_dst = static_cast<Cache*>(p.v_cache) + page * p.vc_stride_page + row * p.vc_stride_row +
-                 h * p.vc_stride_h + col;
-
+  // Loads first: the source address needs no index, while the cache row waits on up to
+  // log2(B) + 2 dependent index loads (cu_seqlens, cache_seqlens, block_table); issuing the source
+  // loads before them hides one latency behind the other. A skipped token's loads are in bounds.
   uint4 k_in[Tr::kSrcLoads], v_in[Tr::kSrcLoads];
 #pragma unroll
   for (int j = 0; j < Tr::kSrcLoads; ++j) {
     k_in[j] = ld_global_16(k_src + j * Tr::kSrcElems);
     v_in[j] = ld_global_16(v_src + j * Tr::kSrcElems);
   }
+
+  if constexpr (kRagged) {
+    if (!ragged_sequence(p, t, b, i)) return;
+  }
+  int64_t page, row;
+  if (!append_cache_row<kMode, SlotT>(p, b, i, page, row)) return;
+
+  Cache* k_dst = static_cast<Cache*>(p.k_cache) + page * p.kc_stride_page + row * p.kc_stride_row +
+                 h * p.kc_stride_h + col;
+  Cache* v_dst = static_cast<Cache*>(p.v_cache) + page * p.vc_stride_page + row * p.vc_stride_row +
+                 h * p.vc_stride_h + col;
   float k_scale = 1.0f, v_scale = 1.0f;
   if constexpr (Tr::kQuantize) {
     k_scale = p.k_scale[h * p.k_scale_stride];
@@ -147,14 +185,15 @@ __host__ __device__ __forceinline__ void append_thread(const AppendParams& p, in
 }
 
 // The kernel: append_thread for every thread of the grid.
-//   p.k, p.v              [B, S_new, Hkv, D] Src (slots: [T, 1, Hkv, D])
+//   p.k, p.v              [B, S_new, Hkv, D] Src (slots, ragged: [T, 1, Hkv, D])
 //   p.k_cache, p.v_cache  [num_pages, page_size, Hkv, D] Cache
 //   p.cache_seqlens       [B] int32 (contiguous/paged), p.block_table [B, max_pages] int32 (paged),
-//   p.slot_mapping        [T] SlotT (slots), p.k_scale/p.v_scale [Hkv] fp32 (fp8 caches)
-template <typename Src, typename Cache, AppendMode kMode, typename SlotT>
+//   p.cu_seqlens          [B + 1] int32 (ragged), p.slot_mapping [T] SlotT (slots),
+//   p.k_scale/p.v_scale   [Hkv] fp32 (fp8 caches)
+template <typename Src, typename Cache, AppendMode kMode, typename SlotT, bool kRagged = false>
 __global__ void __launch_bounds__(kAppendThreads) kvk_append_kernel(const __grid_constant__ AppendParams p) {
-  append_thread<Src, Cache, kMode, SlotT>(p, static_cast<int32_t>(blockIdx.x), static_cast<int32_t>(blockIdx.y),
-                                          static_cast<int32_t>(threadIdx.x));
+  append_thread<Src, Cache, kMode, SlotT, kRagged>(p, static_cast<int32_t>(blockIdx.x),
+                                                   static_cast<int32_t>(blockIdx.y), static_cast<int32_t>(threadIdx.x));
 }
 
 }  // namespace kvk

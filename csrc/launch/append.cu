@@ -1,32 +1,41 @@
-// Instantiations and host launcher of the append kernels: 4 source kinds x 4 addressing modes
-// (contiguous, paged, int32 slots, int64 slots) = 16 small kernels.
+// Instantiations and host launcher of the append kernels: 4 source kinds x 6 addressing modes
+// (contiguous and paged, each dense or ragged; int32 slots, int64 slots) = 24 small kernels.
 #include "kernels/append.cuh"
 #include "launch/append.h"
 
 namespace kvk {
 namespace {
 
+template <typename Src, typename Cache, AppendMode kMode, typename SlotT>
+cudaError_t launch_kernel(const AppendParams& p, bool ragged, dim3 grid, cudaStream_t stream) {
+  if (ragged) {
+    kvk_append_kernel<Src, Cache, kMode, SlotT, true><<<grid, kAppendThreads, 0, stream>>>(p);
+  } else {
+    kvk_append_kernel<Src, Cache, kMode, SlotT, false><<<grid, kAppendThreads, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
 template <typename Src, typename Cache>
 cudaError_t launch_for_source(const AppendParams& p, AppendMode mode, bool slot_int64, dim3 grid,
                               cudaStream_t stream) {
+  const bool ragged = p.cu_seqlens != nullptr;
   switch (mode) {
     case AppendMode::kContiguous:
-      kvk_append_kernel<Src, Cache, AppendMode::kContiguous, int32_t><<<grid, kAppendThreads, 0, stream>>>(p);
-      break;
+      return launch_kernel<Src, Cache, AppendMode::kContiguous, int32_t>(p, ragged, grid, stream);
     case AppendMode::kPaged:
-      kvk_append_kernel<Src, Cache, AppendMode::kPaged, int32_t><<<grid, kAppendThreads, 0, stream>>>(p);
-      break;
+      return launch_kernel<Src, Cache, AppendMode::kPaged, int32_t>(p, ragged, grid, stream);
     case AppendMode::kSlots:
+      if (ragged) return cudaErrorInvalidValue;  // slots address tokens directly
       if (slot_int64) {
         kvk_append_kernel<Src, Cache, AppendMode::kSlots, int64_t><<<grid, kAppendThreads, 0, stream>>>(p);
       } else {
         kvk_append_kernel<Src, Cache, AppendMode::kSlots, int32_t><<<grid, kAppendThreads, 0, stream>>>(p);
       }
-      break;
+      return cudaGetLastError();
     default:
       return cudaErrorInvalidValue;
   }
-  return cudaGetLastError();
 }
 
 }  // namespace

@@ -21,6 +21,9 @@ enum class AppendMode : int {
   kSlots = 2,       // append_kv_slots, cache [num_pages, page_size, Hkv, D]: token t goes to row
                     // s % page_size of page s / page_size, s = slot_mapping[t]; s < 0 is skipped
 };
+// kContiguous and kPaged also come ragged (AppendParams::cu_seqlens set): k/v [T, Hkv, D] hold the
+// new tokens of all sequences back to back, sequence b's n_b = cu_seqlens[b + 1] - cu_seqlens[b]
+// tokens from row cu_seqlens[b], token i of them going to position cache_seqlens[b] + i.
 
 // What the source holds; the cache is the source's own dtype (a bit copy) or fp8 e4m3 (quantized).
 enum class AppendSource : int {
@@ -34,8 +37,8 @@ enum class AppendSource : int {
 // strides are in bytes (that kernel moves bytes, whatever the dtype). Sizes are those of the
 // tensors; positions, pages and slots outside them are skipped, never accessed.
 struct AppendParams {
-  // Sources. append_kv: k/v [B, S_new, Hkv, D]; append_kv_slots: k/v [T, Hkv, D], passed as
-  // [B = T, S_new = 1, Hkv, D] with stride_s = 0.
+  // Sources. append_kv: k/v [B, S_new, Hkv, D]; append_kv_slots and ragged append_kv: k/v
+  // [T, Hkv, D], passed as [T, 1, Hkv, D] with stride_s = 0 (token t's row is t * stride_b).
   const void* k;
   const void* v;
   int64_t k_stride_b, k_stride_s, k_stride_h;
@@ -56,13 +59,16 @@ struct AppendParams {
   const void* slot_mapping;      // [T] int32 or int64 (kSlots)
   int64_t slot_stride;
   int64_t seqlens_stride;
+  const int32_t* cu_seqlens;     // [B + 1] (ragged kContiguous / kPaged); nullptr: dense [B, S_new]
+  int64_t cu_stride;
 
   const float* k_scale;  // [Hkv] fp32, stride 0 for one scale per tensor (fp8 caches)
   const float* v_scale;
   int64_t k_scale_stride, v_scale_stride;
 
   int32_t batch;           // B (T for slots)
-  int32_t seq_new;         // S_new (1 for slots)
+  int32_t seq_new;         // S_new (1 for slots and ragged)
+  int32_t num_tokens;      // T (ragged only: dense has B * S_new tokens)
   int32_t num_heads;       // Hkv
   int32_t vecs_per_head;   // 16-byte vectors in one cache row: D * cache element size / 16
   int32_t tokens_per_block;  // set by the launcher
@@ -72,13 +78,19 @@ struct AppendParams {
 // append (one token per sequence) gives one token per block; smaller rows pack several tokens.
 constexpr int kAppendThreads = 128;
 
+// Tokens the launch covers: one thread group per token.
+__host__ __device__ inline int64_t append_num_tokens(const AppendParams& p) {
+  return p.cu_seqlens != nullptr ? static_cast<int64_t>(p.num_tokens) : static_cast<int64_t>(p.batch) * p.seq_new;
+}
+
 // The launch shape: sets p.tokens_per_block and the grid; false when the append is too large for
 // one launch. grid_x == 0 means nothing to write.
 inline bool append_launch_shape(AppendParams& p, uint32_t& grid_x, uint32_t& grid_y) {
-  const int64_t tokens = static_cast<int64_t>(p.batch) * p.seq_new;
+  const int64_t tokens = append_num_tokens(p);
   const int64_t row_vecs = static_cast<int64_t>(p.num_heads) * p.vecs_per_head;
   grid_x = grid_y = 0;
-  if (tokens <= 0 || row_vecs <= 0 || p.num_pages <= 0 || p.page_size <= 0) return true;  // an empty cache too
+  // an empty cache or an empty ragged batch too (no sequence to find a token in)
+  if (tokens <= 0 || row_vecs <= 0 || p.num_pages <= 0 || p.page_size <= 0 || p.batch <= 0) return true;
   const int64_t blocks_per_token = (row_vecs + kAppendThreads - 1) / kAppendThreads;
   if (tokens > INT32_MAX || row_vecs > INT32_MAX || blocks_per_token > 65535) return false;
   p.tokens_per_block = row_vecs >= kAppendThreads ? 1 : static_cast<int32_t>(kAppendThreads / row_vecs);
@@ -88,7 +100,8 @@ inline bool append_launch_shape(AppendParams& p, uint32_t& grid_x, uint32_t& gri
 }
 
 // Launches one append (K and V) on `stream`. Returns the launch status; enqueues nothing when
-// there is no token. slot_int64 selects the slot_mapping dtype (kSlots only).
+// there is no token. slot_int64 selects the slot_mapping dtype (kSlots only); p.cu_seqlens selects
+// the ragged kernels (kContiguous and kPaged only).
 cudaError_t launch_append(AppendParams params, AppendSource source, AppendMode mode, bool slot_int64,
                           cudaStream_t stream);
 

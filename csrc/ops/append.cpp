@@ -57,17 +57,17 @@ void set_scale(const char* name, const std::optional<Tensor>& scale, bool quanti
 }
 
 // Fills everything but the positions (sources, caches, scales, sizes) and returns the source kind.
-// k/v are seen as [B, S_new, Hkv, D] (slots: [T, 1, Hkv, D]).
+// k/v are seen as [B, S_new, Hkv, D], or with token_rows (slots, ragged append_kv) [T, 1, Hkv, D].
 AppendSource fill_common(AppendParams& p, const Tensor& k, const Tensor& v, const Tensor& k_cache,
                          const Tensor& v_cache, const std::optional<Tensor>& k_scale,
-                         const std::optional<Tensor>& v_scale, bool slots) {
+                         const std::optional<Tensor>& v_scale, bool token_rows) {
   TORCH_CHECK(k_cache.dim() == 4, "k_cache must be 4-D [pages or B, page_size or S_max, Hkv, D], got ",
               k_cache.sizes());
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache shapes differ: ", k_cache.sizes(), " vs ",
               v_cache.sizes());
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k_cache and v_cache dtypes differ");
-  TORCH_CHECK(k.dim() == (slots ? 3 : 4), "k must be ", slots ? "[T, Hkv, D]" : "[B, S_new, Hkv, D]", ", got ",
-              k.sizes());
+  TORCH_CHECK(k.dim() == (token_rows ? 3 : 4), "k must be ", token_rows ? "[T, Hkv, D]" : "[B, S_new, Hkv, D]",
+              ", got ", k.sizes());
   TORCH_CHECK(k.sizes() == v.sizes(), "k and v shapes differ: ", k.sizes(), " vs ", v.sizes());
   TORCH_CHECK(k.scalar_type() == v.scalar_type(), "k and v dtypes differ");
   TORCH_CHECK(k.size(-1) == k_cache.size(3) && k.size(-2) == k_cache.size(2), "k/v rows [Hkv, D] = ",
@@ -88,7 +88,7 @@ AppendSource fill_common(AppendParams& p, const Tensor& k, const Tensor& v, cons
   check_vector_layout(kOp, "v_cache", v_cache);
 
   const int64_t batch = k.size(0);
-  const int64_t seq_new = slots ? 1 : k.size(1);
+  const int64_t seq_new = token_rows ? 1 : k.size(1);
   const int64_t heads = k_cache.size(2);
   const int64_t vecs = row_bytes / 16;
   constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
@@ -102,8 +102,8 @@ AppendSource fill_common(AppendParams& p, const Tensor& k, const Tensor& v, cons
   p.v = v.data_ptr();
   p.k_stride_b = k.stride(0) * src_unit;
   p.v_stride_b = v.stride(0) * src_unit;
-  p.k_stride_s = slots ? 0 : k.stride(1) * src_unit;
-  p.v_stride_s = slots ? 0 : v.stride(1) * src_unit;
+  p.k_stride_s = token_rows ? 0 : k.stride(1) * src_unit;
+  p.v_stride_s = token_rows ? 0 : v.stride(1) * src_unit;
   p.k_stride_h = k.stride(-2) * src_unit;
   p.v_stride_h = v.stride(-2) * src_unit;
   p.k_cache = k_cache.data_ptr();
@@ -131,17 +131,34 @@ void launch(const AppendParams& p, AppendSource source, AppendMode mode, bool sl
   TORCH_CHECK(err == cudaSuccess, "kvkernels append launch failed: ", cudaGetErrorString(err));
 }
 
-// k/v [B, S_new, Hkv, D]; caches [B, S_max, Hkv, D] or, with block_table [B, max_pages] int32,
-// [num_pages, page_size, Hkv, D]; cache_seqlens [B] int32; k_scale/v_scale fp32 [Hkv] (fp8 caches).
+// k/v [B, S_new, Hkv, D], or ragged [T, Hkv, D] with cu_seqlens [B + 1] int32 (sequence b's tokens
+// are rows cu_seqlens[b] .. cu_seqlens[b + 1] - 1); caches [B, S_max, Hkv, D] or, with block_table
+// [B, max_pages] int32, [num_pages, page_size, Hkv, D]; cache_seqlens [B] int32; k_scale/v_scale
+// fp32 [Hkv] (fp8 caches). cu_seqlens values are not read here (that would synchronise): the kernel
+// skips a token that falls in no sequence.
 void append_kv(const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_cache, const Tensor& cache_seqlens,
                const std::optional<Tensor>& block_table, const std::optional<Tensor>& k_scale,
-               const std::optional<Tensor>& v_scale) {
+               const std::optional<Tensor>& v_scale, const std::optional<Tensor>& cu_seqlens) {
   AppendParams p{};
-  const AppendSource source = fill_common(p, k, v, k_cache, v_cache, k_scale, v_scale, /*slots=*/false);
+  const bool ragged = cu_seqlens.has_value();
+  const AppendSource source = fill_common(p, k, v, k_cache, v_cache, k_scale, v_scale, /*token_rows=*/ragged);
+  int64_t batch = k.size(0);
+  if (ragged) {
+    const Tensor& cu = *cu_seqlens;
+    check_device(kOp, "cu_seqlens", cu, k_cache);
+    TORCH_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.size(0) >= 1,
+                "cu_seqlens must be int32 [B + 1], got ", cu.scalar_type(), " ", cu.sizes());
+    batch = cu.size(0) - 1;
+    TORCH_CHECK(batch <= std::numeric_limits<int32_t>::max(), "cu_seqlens: batch ", batch, " is too large");
+    p.cu_seqlens = cu.data_ptr<int32_t>();
+    p.cu_stride = cu.stride(0);
+    p.batch = static_cast<int32_t>(batch);
+    p.num_tokens = static_cast<int32_t>(k.size(0));  // < 2^31: fill_common checked
+  }
   check_device(kOp, "cache_seqlens", cache_seqlens, k_cache);
   TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1 &&
-                  cache_seqlens.size(0) == k.size(0),
-              "cache_seqlens must be int32 [B = ", k.size(0), "], got ", cache_seqlens.scalar_type(), " ",
+                  cache_seqlens.size(0) == batch,
+              "cache_seqlens must be int32 [B = ", batch, "], got ", cache_seqlens.scalar_type(), " ",
               cache_seqlens.sizes());
   p.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
   p.seqlens_stride = cache_seqlens.stride(0);
@@ -149,15 +166,15 @@ void append_kv(const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_cach
   if (block_table.has_value()) {
     const Tensor& bt = *block_table;
     check_device(kOp, "block_table", bt, k_cache);
-    TORCH_CHECK(bt.scalar_type() == at::kInt && bt.dim() == 2 && bt.size(0) == k.size(0),
-                "block_table must be int32 [B = ", k.size(0), ", max_pages], got ", bt.scalar_type(), " ", bt.sizes());
+    TORCH_CHECK(bt.scalar_type() == at::kInt && bt.dim() == 2 && bt.size(0) == batch,
+                "block_table must be int32 [B = ", batch, ", max_pages], got ", bt.scalar_type(), " ", bt.sizes());
     mode = AppendMode::kPaged;
     p.block_table = bt.data_ptr<int32_t>();
     p.bt_stride_b = bt.stride(0);
     p.bt_stride_page = bt.stride(1);
     p.max_pages = bt.size(1);
   } else {
-    TORCH_CHECK(k_cache.size(0) == k.size(0), "a contiguous cache must have shape [B = ", k.size(0),
+    TORCH_CHECK(k_cache.size(0) == batch, "a contiguous cache must have shape [B = ", batch,
                 ", S_max, Hkv, D], got ", k_cache.sizes());
   }
   launch(p, source, mode, false, k_cache);
@@ -167,7 +184,7 @@ void append_kv(const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_cach
 void append_kv_slots(const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_cache, const Tensor& slot_mapping,
                      const std::optional<Tensor>& k_scale, const std::optional<Tensor>& v_scale) {
   AppendParams p{};
-  const AppendSource source = fill_common(p, k, v, k_cache, v_cache, k_scale, v_scale, /*slots=*/true);
+  const AppendSource source = fill_common(p, k, v, k_cache, v_cache, k_scale, v_scale, /*token_rows=*/true);
   check_device(kOp, "slot_mapping", slot_mapping, k_cache);
   const bool int64 = slot_mapping.scalar_type() == at::kLong;
   TORCH_CHECK((int64 || slot_mapping.scalar_type() == at::kInt) && slot_mapping.dim() == 1 &&
@@ -184,7 +201,7 @@ void append_kv_slots(const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& 
 
 TORCH_LIBRARY_FRAGMENT(kvkernels_C, m) {
   m.def("append_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
-        "Tensor? block_table, Tensor? k_scale, Tensor? v_scale) -> ()");
+        "Tensor? block_table, Tensor? k_scale, Tensor? v_scale, Tensor? cu_seqlens=None) -> ()");
   m.def("append_kv_slots(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, "
         "Tensor? k_scale, Tensor? v_scale) -> ()");
 }

@@ -2,6 +2,8 @@
 
 What the kernels take (anything else gets a reason from `unsupported`, and auto selection gives
 the call to Triton):
+  * dense k/v [B, S_new, Hkv, D], or ragged k/v [T, Hkv, D] with cu_seqlens [B + 1] (each token's
+    sequence found by binary search in the kernel);
   * caches of any dtype written from sources of the same dtype (a bit copy), or float8_e4m3fn
     caches written from float16 / bfloat16 / float32 sources (saturate(value / scale), bit-exact
     with kvkernels.reference.quantize);
@@ -14,6 +16,8 @@ the call to Triton):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import has_op, layout_reason
@@ -25,10 +29,20 @@ _THREADS = 128  # kAppendThreads in csrc/kernels/append.cuh
 _MAX_GRID_Y = 65535
 
 
-def unsupported(op: str, *, k, k_cache, v=None, v_cache=None, **_) -> str | None:
+@functools.lru_cache(maxsize=None)
+def _has_ragged() -> bool:
+    """An extension built before ragged appends has no cu_seqlens argument: auto selection then
+    gives ragged calls to Triton instead of failing in the raw op."""
+    schema = torch.ops.kvkernels_C.append_kv.default._schema
+    return any(a.name == "cu_seqlens" for a in schema.arguments)
+
+
+def unsupported(op: str, *, k, k_cache, v=None, v_cache=None, ragged=False, **_) -> str | None:
     op_name = "append_kv" if op == "append" else "append_kv_slots"
     if not has_op(op_name):
         return f"this build of the extension has no {op_name} kernel"
+    if ragged and not _has_ragged():
+        return "this build of the extension has no ragged append_kv kernel (rebuild it)"
     tensors = {"k": k, "v": v, "k_cache": k_cache, "v_cache": v_cache}
     for name, t in tensors.items():
         if t is not None and t.device.type != "cuda":
@@ -46,17 +60,22 @@ def unsupported(op: str, *, k, k_cache, v=None, v_cache=None, **_) -> str | None
         reason = None if t is None else layout_reason(name, t)
         if reason:
             return reason
-    tokens = k.shape[0] * (k.shape[1] if op == "append" else 1)
+    tokens = k.shape[0] * (k.shape[1] if k.dim() == 4 else 1)  # [B, S_new, ...] or [T, ...] (slots, ragged)
     row_vecs = k_cache.shape[2] * row_bytes // 16
     if tokens > _INT32_MAX or row_vecs > _INT32_MAX or -(-row_vecs // _THREADS) > _MAX_GRID_Y:
         return f"{tokens} tokens of {row_vecs} vectors is too large for one launch"
     return None
 
 
-def append(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale) -> None:
-    """k/v [B, S_new, Hkv, D]; caches [B, S_max, Hkv, D] or paged [pages, page_size, Hkv, D] with
-    block_table int32 [B, max_pages]; cache_seqlens int32 [B]; k_scale/v_scale fp32 [Hkv] (fp8)."""
-    torch.ops.kvkernels_C.append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale)
+def append(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, cu_seqlens=None) -> None:
+    """k/v [B, S_new, Hkv, D], or ragged [T, Hkv, D] with cu_seqlens int32 [B + 1]; caches [B, S_max, Hkv, D]
+    or paged [pages, page_size, Hkv, D] with block_table int32 [B, max_pages]; cache_seqlens int32 [B];
+    k_scale/v_scale fp32 [Hkv] (fp8)."""
+    if cu_seqlens is None:  # the dense call keeps working with an extension built before the ragged kernels
+        torch.ops.kvkernels_C.append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale)
+    else:
+        torch.ops.kvkernels_C.append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale,
+                                        cu_seqlens)
 
 
 def append_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None:

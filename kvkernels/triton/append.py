@@ -1,7 +1,8 @@
 """Triton append: write new keys/values into the KV cache in place (twin of csrc/kernels/append.cuh).
 
-One program writes one token's rows for a block of heads, K and V together. Same contract as the
-CUDA kernels and the reference, bit for bit:
+One program writes one token's rows for a block of heads, K and V together; a ragged batch (k/v
+[T, Hkv, D] + cu_seqlens) finds each token's sequence by binary search in the kernel. Same contract
+as the CUDA kernels and the reference, bit for bit:
   * a cache of the source's dtype gets the source bits unchanged: the kernel moves raw integers
     (the tensors are viewed as int16 / int32 / ... of the same size), so no dtype ever goes through
     float arithmetic;
@@ -62,30 +63,60 @@ def _to_fp32(x, SRC: tl.constexpr):
 
 
 @triton.jit
+def _ragged_sequence(Cu, stride_cu, t, num_seqs, steps):
+    """Ragged append: the sequence b of token t, the last b in [0, num_seqs) with cu_seqlens[b] <= t,
+    by binary search (steps = ceil(log2 num_seqs) iterations, a fixed count so every program runs the
+    same loop; no host-side token -> sequence map, so nothing to build and no sync).
+    -> (b, i = t - cu_seqlens[b], ok). ok is False when t lies in no sequence, which only a
+    cu_seqlens that is not valid offsets gives; every load stays inside cu_seqlens[0 .. num_seqs]."""
+    lo = t * 0
+    hi = lo + num_seqs - 1
+    for _ in range(steps):
+        active = lo < hi
+        mid = (lo + hi + 1) // 2  # in (lo, hi] while active, lo once the search is done
+        go = tl.load(Cu + mid * stride_cu).to(tl.int64) <= t
+        next_lo = tl.where(active, tl.where(go, mid, lo), lo)
+        hi = tl.where(active, tl.where(go, hi, mid - 1), hi)
+        lo = next_lo
+    start = tl.load(Cu + lo * stride_cu).to(tl.int64)
+    end = tl.load(Cu + (lo + 1) * stride_cu).to(tl.int64)
+    return lo, t - start, (t >= start) & (t < end)
+
+
+@triton.jit
 def _append_kernel(
     K, V,              # [B, S_new, Hkv, D] sources (slots: [T, 1, Hkv, D]); raw ints when SRC == 0
     KC, VC,            # [num_pages, page_size, Hkv, D] caches (contiguous: B pages of S_max rows); raw ints or uint8 (fp8)
     Seqlens,           # [B] int32 (MODE 0, 1)
     BlockTable,        # [B, max_pages] int32 (MODE 1)
     Slots,             # [T] int32/int64 (MODE 2)
+    Cu,                # [B + 1] int32 (RAGGED): sequence b's tokens are source rows Cu[b] .. Cu[b + 1] - 1
     KScale, VScale,    # [Hkv] fp32 (fp8 caches), stride 0 for one scale per tensor
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_kcp, stride_kcr, stride_kch, stride_vcp, stride_vcr, stride_vch,
-    stride_seq, stride_btb, stride_btp, stride_slot, stride_ksc, stride_vsc,
-    S_new, num_pages, page_size, max_pages, Hkv, D,
-    MODE: tl.constexpr, SRC: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_seq, stride_btb, stride_btp, stride_slot, stride_ksc, stride_vsc, stride_cu,
+    S_new, num_pages, page_size, max_pages, Hkv, D, num_seqs, search_steps,
+    MODE: tl.constexpr, SRC: tl.constexpr, RAGGED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """cache[page, row, h, :] = convert(src[b, i, h, :]) for the heads of one program, K and V.
 
-    grid (B * S_new, cdiv(Hkv, BLOCK_H)). MODE 0: page = b, row = cache_seqlens[b] + i;
+    grid (B * S_new, cdiv(Hkv, BLOCK_H)); ragged and slots: (T, ...) with sources [T, 1, Hkv, D].
+    MODE 0: page = b, row = cache_seqlens[b] + i;
     MODE 1: position p = cache_seqlens[b] + i, page = block_table[b, p // page_size],
-    row = p % page_size; MODE 2: s = slot_mapping[b], page = s // page_size, row = s % page_size.
+    row = p % page_size; MODE 2: s = slot_mapping[t], page = s // page_size, row = s % page_size.
+    RAGGED (MODE 0, 1): token t is token i = t - cu_seqlens[b] of the sequence b found by
+    _ragged_sequence.
     A row outside the cache is not written. convert: identity (SRC 0) or
     e4m3(saturate(fp32(src) / scale[h])).
     """
     token = tl.program_id(0).to(tl.int64)
-    b = token // S_new
+    b = token // S_new  # the source row (b, i); ragged and slots: (t, 0)
     i = token % S_new
+    seq = b  # the cache sequence and its new token's index
+    idx = i
+    ok_seq = token >= 0
+    if RAGGED:
+        seq, idx, ok_seq = _ragged_sequence(Cu, stride_cu, token, num_seqs, search_steps)
     if MODE == 2:
         slot = tl.load(Slots + b * stride_slot).to(tl.int64)
         ok = slot >= 0
@@ -94,18 +125,18 @@ def _append_kernel(
         row = slot % page_size
         ok = ok & (page < num_pages)
     else:
-        pos = tl.load(Seqlens + b * stride_seq).to(tl.int64) + i
-        ok = pos >= 0
+        pos = tl.load(Seqlens + seq * stride_seq).to(tl.int64) + idx
+        ok = ok_seq & (pos >= 0)
         pos = tl.where(ok, pos, 0)
         if MODE == 0:
-            page = b
+            page = seq
             row = pos
-            ok = ok & (pos < page_size) & (b < num_pages)
+            ok = ok & (pos < page_size) & (seq < num_pages)
         else:
             logical = pos // page_size
             row = pos % page_size
             ok = ok & (logical < max_pages)
-            page = tl.load(BlockTable + b * stride_btb + logical * stride_btp, mask=ok, other=-1).to(tl.int64)
+            page = tl.load(BlockTable + seq * stride_btb + logical * stride_btp, mask=ok, other=-1).to(tl.int64)
             ok = ok & (page >= 0) & (page < num_pages)
 
     offs_h = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
@@ -137,11 +168,15 @@ def _raw(t: torch.Tensor) -> torch.Tensor:
     return t.view(_RAW[t.element_size()])
 
 
-def _launch(k, v, k_cache, v_cache, mode, seqlens, block_table, slots, k_scale, v_scale):
-    """k/v [B, S_new, Hkv, D] (strided views fine); see _append_kernel."""
+def _launch(k, v, k_cache, v_cache, mode, seqlens, block_table, slots, k_scale, v_scale, cu_seqlens=None):
+    """k/v [B, S_new, Hkv, D] (ragged: [T, 1, Hkv, D] with cu_seqlens [B + 1]; strided views fine);
+    see _append_kernel."""
     B, s_new, hkv, d = k.shape
+    num_seqs = 0 if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if B * s_new == 0 or hkv * d == 0 or k_cache.shape[0] * k_cache.shape[1] == 0:
         return  # nothing to write (and no division by a page size of 0)
+    if cu_seqlens is not None and num_seqs == 0:
+        return  # no sequence for a token to belong to
     # bf16 note (the interpreter keeps bf16 as raw uint16 and computes on it wrongly): no bf16
     # value goes through Triton arithmetic here, in the interpreter or compiled. A same-dtype
     # append moves raw integers, and an fp8 append widens bf16 bits to fp32 by a shift (_to_fp32),
@@ -164,6 +199,7 @@ def _launch(k, v, k_cache, v_cache, mode, seqlens, block_table, slots, k_scale, 
         seqlens if seqlens is not None else dummy,
         block_table if block_table is not None else dummy,
         slots if slots is not None else dummy,
+        cu_seqlens if cu_seqlens is not None else dummy,
         ks, vs,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -173,17 +209,22 @@ def _launch(k, v, k_cache, v_cache, mode, seqlens, block_table, slots, k_scale, 
         block_table.stride(1) if block_table is not None else 0,
         slots.stride(0) if slots is not None else 0,
         ks.stride(0) if src != _COPY else 0, vs.stride(0) if src != _COPY else 0,
+        cu_seqlens.stride(0) if cu_seqlens is not None else 0,
         s_new, k_cache.shape[0], k_cache.shape[1],
         block_table.shape[1] if block_table is not None else 0, hkv, d,
-        MODE=mode, SRC=src, BLOCK_H=block_h, BLOCK_D=block_d,
+        num_seqs, max(num_seqs - 1, 0).bit_length(),  # ceil(log2 B) binary-search steps
+        MODE=mode, SRC=src, RAGGED=cu_seqlens is not None, BLOCK_H=block_h, BLOCK_D=block_d,
     )
 
 
-def append(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale) -> None:
-    """k/v [B, S_new, Hkv, D]; caches [B, S_max, Hkv, D] or paged [pages, page_size, Hkv, D] with
-    block_table int32 [B, max_pages]; cache_seqlens int32 [B]; k_scale/v_scale fp32 [Hkv] (fp8)."""
+def append(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, cu_seqlens=None) -> None:
+    """k/v [B, S_new, Hkv, D], or ragged [T, Hkv, D] with cu_seqlens int32 [B + 1]; caches [B, S_max, Hkv, D]
+    or paged [pages, page_size, Hkv, D] with block_table int32 [B, max_pages]; cache_seqlens int32 [B];
+    k_scale/v_scale fp32 [Hkv] (fp8)."""
     mode = _CONTIGUOUS if block_table is None else _PAGED
-    _launch(k, v, k_cache, v_cache, mode, cache_seqlens, block_table, None, k_scale, v_scale)
+    if cu_seqlens is not None:
+        k, v = k.unsqueeze(1), v.unsqueeze(1)  # [T, 1, Hkv, D]: program t reads source row t
+    _launch(k, v, k_cache, v_cache, mode, cache_seqlens, block_table, None, k_scale, v_scale, cu_seqlens)
 
 
 def append_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None:
