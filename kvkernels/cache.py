@@ -253,6 +253,32 @@ class KVCache:
                 self._check_live(i)
             self._extend_locked(b.ids, num_tokens, b)
 
+    def truncate(self, seq_ids: SeqIds, num_tokens: int) -> None:
+        """Drop the last num_tokens positions of every sequence of the batch (draft tokens a
+        speculative step rejected), for all layers; the paged cache gives back pages no longer needed.
+        Only cached positions can be dropped (not those a sliding window already released).
+        All-or-nothing: a ValueError leaves the cache unchanged."""
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+            raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
+        if seq_ids is None:
+            raise ValueError("truncate needs the sequence ids (or a SeqBatch)")
+        b = self._resolve(seq_ids, 0)
+        with self._lock:
+            for i in b.ids:
+                self._check_live(i)
+            short = [i for i in b.ids if self._lengths[i] < num_tokens]
+            if short:
+                raise ValueError(f"sequences {short[:8]} hold fewer than the {num_tokens} cached positions to drop")
+            if not num_tokens:
+                return
+            for i in b.ids:
+                self._lengths[i] -= num_tokens
+            self._truncate_locked(b.ids)
+            self._advance_lengths(b.ids, -num_tokens, b)
+
+    def _truncate_locked(self, ids) -> None:
+        """Give back what the shortened sequences no longer need (nothing in a contiguous cache)."""
+
     def free(self, seq_ids: Union[int, Iterable[int], SeqBatch]) -> None:
         """Close sequences and give every page they hold back to the pool."""
         if isinstance(seq_ids, SeqBatch):
@@ -512,6 +538,18 @@ class PagedKVCache(KVCache):
             vals = torch.tensor([self._lengths[i] for i in released_rows], dtype=torch.int32)
             self.cache_seqlens.index_copy_(0, idx.to(self.device, non_blocking=True),
                                            vals.to(self.device, non_blocking=True))
+
+    def _truncate_locked(self, ids) -> None:
+        changed = []
+        for i in ids:
+            held = self._pages.get(i, [])
+            need = -(-self._lengths[i] // self.page_size)
+            if len(held) > need:
+                self._free.extend(reversed(held[need:]))
+                del held[need:]
+                changed.append(i)
+        if changed:
+            self._write_rows(changed)
 
     def _write_rows(self, ids) -> None:
         """Copy the host page lists of these sequences into the device block table (one H2D copy)."""

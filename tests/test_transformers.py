@@ -125,3 +125,29 @@ def test_unsupported_features_are_named():
     model.set_attn_implementation("kvkernels")
     with pytest.raises(NotImplementedError, match="output_attentions"):
         model(PROMPT, output_attentions=True)
+
+
+def test_assisted_generation_crops_the_paged_cache_and_matches_eager(monkeypatch):
+    # Draft tokens the model rejects are cropped from the pool; verification runs cache_attention.
+    calls = {"cache": 0}
+    real = api.cache_attention
+
+    def counted(*a, **kw):
+        calls["cache"] += 1
+        return real(*a, **kw)
+
+    monkeypatch.setattr(api, "cache_attention", counted)
+    model = tiny_llama()
+    torch.manual_seed(3)
+    draft = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=256, initializer_range=0.1, pad_token_id=0)).eval()
+    draft.set_attn_implementation("eager")
+    ids = PROMPT[:1]
+    ref = greedy(model, ids, "eager", n=20)
+    cache = kvk_hf.PagedCache(model.config, max_batch_size=1, max_cache_len=64, page_size=4)
+    out = greedy(model, ids, "kvkernels", n=20, past_key_values=cache, assistant_model=draft)
+    assert torch.equal(out, ref)
+    assert calls["cache"] > 0
+    pool = cache.pool
+    assert len(pool.pages(pool.live_ids[0])) == -(-cache.get_seq_length() // 4)  # cropped pages went back

@@ -27,7 +27,8 @@ models. Sliding windows (Mistral's `sliding_window`) and `softcap` are passed to
 
 Not supported (NotImplementedError naming it): dropout during training, custom 4-D masks,
 attention sinks (`s_aux`), `output_attentions`; with PagedCache also padded batches, beam search
-(reorder_cache), cache cropping, and layers that mix sliding and full attention.
+(reorder_cache), cropping a sliding-window cache, and layers that mix sliding and full attention.
+PagedCache crops (assisted generation's rejected draft tokens go back, pages included).
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ class _PagedLayer(CacheLayerMixin):
 
     is_compileable = False
     is_sliding = False
-    is_croppable = False
+    is_croppable = True
     supports_early_init = False
 
     def __init__(self, owner: "PagedCache", layer_idx: int):
@@ -220,7 +221,16 @@ class _PagedLayer(CacheLayerMixin):
         raise NotImplementedError("PagedCache does not support beam search (reorder_cache)")
 
     def crop(self, tokens_to_remove):
-        raise NotImplementedError("PagedCache does not support cropping (assisted generation)")
+        """Drop the last -tokens_to_remove tokens (or keep the first tokens_to_remove >= 0, the older
+        form): assisted generation rejecting draft tokens. The first layer cropped shortens the pool."""
+        if tokens_to_remove == 0:
+            return
+        keep = self.length + tokens_to_remove if tokens_to_remove < 0 else min(tokens_to_remove, self.length)
+        remove = self.length - max(keep, 0)
+        if remove <= 0:
+            return
+        self.owner._crop(self, remove)
+        self.length -= remove
 
     def batch_repeat_interleave(self, repeats):
         raise NotImplementedError("PagedCache does not support expanding the batch (num_return_sequences > 1)")
@@ -314,6 +324,18 @@ class PagedCache(Cache):
             raise RuntimeError(f"layer {layer.layer_idx} holds {layer.length} tokens, the cache {self.length}: "
                                "layers must be updated once per step with the same tokens")
         return self.pool, self.batch
+
+    def _crop(self, layer: _PagedLayer, remove: int) -> None:
+        """Called by each layer's crop: the first layer of a crop shortens every sequence by `remove`."""
+        if layer.length == self.length:
+            if self.pool.window_left >= 0:
+                raise NotImplementedError("PagedCache cannot crop a sliding-window cache (released pages "
+                                          "cannot be restored)")
+            self.pool.truncate(self.batch, remove)
+            self.length -= remove
+        elif layer.length - remove != self.length:
+            raise RuntimeError(f"layer {layer.layer_idx} holds {layer.length} tokens, the cache {self.length}: "
+                               "layers must be cropped by the same number of tokens")
 
     def reset(self):
         if self.pool is not None and self.batch is not None:
