@@ -24,11 +24,11 @@ import math
 
 import torch
 
+from .decode import FP8_SCALE, _randn
 from .peers import Case, Unsupported, cache_layout, dtype_of, elem_size, max_abs_error
 
 OP = "cache"
 LENGTH_KEY = "context"
-FP8_SCALE = 0.5
 
 
 def scenarios(dtype: str = "bf16", hq: int = 32, hkv: int = 8, head_dim: int = 128) -> list[dict]:
@@ -79,12 +79,6 @@ def accounting(config: dict) -> tuple[int, int]:
 
 def set_bytes(config: dict) -> int:
     return accounting(config)[0]
-
-
-def _randn(shape, dtype, device, gen):
-    if dtype == torch.float8_e4m3fn:
-        return torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16).to(dtype)
-    return torch.randn(shape, generator=gen, device=device, dtype=dtype)
 
 
 def build(config: dict, device, n_sets: int, seed: int = 0) -> Case:
