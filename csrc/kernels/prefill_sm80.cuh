@@ -16,6 +16,7 @@
 
 #include <cuda_runtime.h>
 
+#include "common/launch.cuh"
 #include "common/ptx.cuh"
 #include "common/vec.cuh"
 #include "kernels/prefill_common.cuh"
@@ -67,7 +68,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) kvk_prefill_sm80_kernel(cons
   constexpr int kNTilesO = D / 8;   // n8 tiles of O per warp
   constexpr int kKSteps = D / 16;   // k16 steps of Q K^T
 
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* const smem_raw = dynamic_smem();
   T* sQ = reinterpret_cast<T*>(smem_raw);  // [BM][D]
   T* sK = sQ + BM * D;                     // [2][BN][D]
   T* sV = sK + 2 * BN * D;                 // [2][BN][D]
@@ -255,7 +256,7 @@ cudaError_t launch_sm80(const PrefillParams& p, cudaStream_t stream) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid((p.seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM, p.num_heads, p.batch);
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+  KVK_LAUNCH(grid, Cfg::kThreads, Cfg::kSmemBytes, stream, kernel)(p);
   return cudaGetLastError();
 }
 

@@ -1,5 +1,6 @@
 // Instantiations and host launcher of the append kernels: 4 source kinds x 4 addressing modes
 // (contiguous, paged, int32 slots, int64 slots) = 16 small kernels.
+#include "common/launch.cuh"
 #include "kernels/append.cuh"
 #include "launch/append.h"
 
@@ -11,16 +12,16 @@ cudaError_t launch_for_source(const AppendParams& p, AppendMode mode, bool slot_
                               cudaStream_t stream) {
   switch (mode) {
     case AppendMode::kContiguous:
-      kvk_append_kernel<Src, Cache, AppendMode::kContiguous, int32_t><<<grid, kAppendThreads, 0, stream>>>(p);
+      KVK_LAUNCH(grid, kAppendThreads, 0, stream, kvk_append_kernel<Src, Cache, AppendMode::kContiguous, int32_t>)(p);
       break;
     case AppendMode::kPaged:
-      kvk_append_kernel<Src, Cache, AppendMode::kPaged, int32_t><<<grid, kAppendThreads, 0, stream>>>(p);
+      KVK_LAUNCH(grid, kAppendThreads, 0, stream, kvk_append_kernel<Src, Cache, AppendMode::kPaged, int32_t>)(p);
       break;
     case AppendMode::kSlots:
       if (slot_int64) {
-        kvk_append_kernel<Src, Cache, AppendMode::kSlots, int64_t><<<grid, kAppendThreads, 0, stream>>>(p);
+        KVK_LAUNCH(grid, kAppendThreads, 0, stream, kvk_append_kernel<Src, Cache, AppendMode::kSlots, int64_t>)(p);
       } else {
-        kvk_append_kernel<Src, Cache, AppendMode::kSlots, int32_t><<<grid, kAppendThreads, 0, stream>>>(p);
+        KVK_LAUNCH(grid, kAppendThreads, 0, stream, kvk_append_kernel<Src, Cache, AppendMode::kSlots, int32_t>)(p);
       }
       break;
     default:
