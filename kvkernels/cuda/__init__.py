@@ -51,6 +51,16 @@ def emulator_available() -> bool:
     return _load_emulator() is None
 
 
+def extension_reason() -> str | None:
+    """Why the GPU build kvkernels._C is unusable, or None."""
+    return _load()
+
+
+def emulator_reason() -> str | None:
+    """Why the emulator build kvkernels._emu is unusable, or None."""
+    return _load_emulator()
+
+
 def unavailable_reason() -> str | None:
     if available():
         return None
@@ -72,8 +82,16 @@ def has_op(name: str, device_type: str = "cuda") -> bool:
     return _load() is None and hasattr(torch.ops.kvkernels_C, name)
 
 
+def device_capability(index: int | None) -> tuple[int, int] | None:
+    """The compute capability of CUDA device `index` (None: the current one), or None when no device
+    can be queried (a machine without a GPU, where only stand-in CUDA tensors exist)."""
+    if not torch.cuda.is_available():
+        return None
+    return _capability(index if index is not None else torch.cuda.current_device())
+
+
 @functools.lru_cache(maxsize=None)
-def device_capability(index: int) -> tuple[int, int]:
+def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
@@ -107,8 +125,8 @@ def device_reason(op_name: str, tensors: dict) -> str | None:
     if not has_op(op_name):
         return f"this build of the extension has no {op_name} kernel"
     from .prefill import runnable_paths  # the cubin rules live with the prefill path choice
-    capability = device_capability(device.index if device.index is not None else torch.cuda.current_device())
-    if not runnable_paths(capability, arch_list()):
+    capability = device_capability(device.index)
+    if capability is not None and not runnable_paths(capability, arch_list()):
         return (f"the extension holds no code for compute capability {capability[0]}.{capability[1]} "
                 f"(built for {arch_list()})")
     return None
