@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 
 import torch
 
@@ -34,6 +35,13 @@ def _load() -> str | None:
 @functools.lru_cache(maxsize=None)
 def _load_emulator() -> str | None:
     """Import the emulator build; returns why it is unusable, or None."""
+    variant = os.environ.get("KVKERNELS_EMU_LIBRARY")
+    if variant:  # another build of the emulator (sanitized, or a deliberately broken one in the tests)
+        try:
+            torch.ops.load_library(variant)
+        except OSError as e:
+            return f"KVKERNELS_EMU_LIBRARY={variant} does not load: {e}"
+        return None
     try:
         import kvkernels._emu  # noqa: F401  (registers torch.ops.kvkernels_emu)
     except ImportError as e:
