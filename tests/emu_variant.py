@@ -30,8 +30,6 @@ def cuda_include() -> str:
 def build(name: str, patches: dict[str, tuple[str, str]] | None = None, *, sanitize: bool = False) -> str:
     """Builds csrc/ with `patches` ({path under csrc: (text, replacement)}, each text found exactly once)
     into its own extension library; returns the path of the .so."""
-    from torch.utils.cpp_extension import load
-
     tree = os.path.join(VARIANTS, name)
     src = os.path.join(tree, "csrc")
     os.makedirs(tree, exist_ok=True)
@@ -54,17 +52,28 @@ def build(name: str, patches: dict[str, tuple[str, str]] | None = None, *, sanit
             f.write(text)
     build_dir = os.path.join(tree, "build")
     os.makedirs(build_dir, exist_ok=True)
+    # torch's builder also loads the library: in a subprocess, with the sanitizer runtimes preloaded
+    # when the library needs them (never in this process).
+    result = subprocess.run([sys.executable, __file__, src, build_dir, "1" if sanitize else "0"],
+                            env=_env(sanitize), capture_output=True, text=True, timeout=1800)
+    if result.returncode != 0:
+        raise RuntimeError(f"building the emulator variant {name} failed:\n{result.stdout[-3000:]}"
+                           f"{result.stderr[-3000:]}")
+    return os.path.join(build_dir, "_emu.so")
+
+
+def _build_here(src: str, build_dir: str, sanitize: bool) -> None:
+    from torch.utils.cpp_extension import load
+
     flags = ["-O1", "-g", "-fno-strict-aliasing", "-DKVK_EMULATE"] + (SANITIZE if sanitize else [])
     load(name="_emu", sources=sorted(glob.glob(os.path.join(src, "emu", "*.cpp"))),
          extra_include_paths=[src, cuda_include()], extra_cflags=flags,
          extra_ldflags=["-Wl,-Bsymbolic"] + (SANITIZE if sanitize else []),
          build_directory=build_dir, is_python_module=False, verbose=False)
-    return os.path.join(build_dir, "_emu.so")
 
 
-def run_tests(library: str, args: list[str], *, sanitize: bool = False, timeout: int = 600):
-    """pytest `args` in a subprocess whose emulator is `library` -> CompletedProcess (output in .stdout)."""
-    env = dict(os.environ, KVKERNELS_EMU_LIBRARY=library, PYTHONPATH=ROOT)
+def _env(sanitize: bool) -> dict:
+    env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop("PYTEST_XDIST_WORKER", None)
     if sanitize:
         # The sanitizer runtimes go first: python and torch are not instrumented, only the kernels.
@@ -73,5 +82,15 @@ def run_tests(library: str, args: list[str], *, sanitize: bool = False, timeout:
         env["LD_PRELOAD"] = ":".join(libs)
         env["ASAN_OPTIONS"] = "detect_leaks=0:abort_on_error=0:halt_on_error=1"
         env["UBSAN_OPTIONS"] = "halt_on_error=1:print_stacktrace=1"
+    return env
+
+
+def run_tests(library: str, args: list[str], *, sanitize: bool = False, timeout: int = 600):
+    """pytest `args` in a subprocess whose emulator is `library` -> CompletedProcess (output in .stdout)."""
+    env = dict(_env(sanitize), KVKERNELS_EMU_LIBRARY=library)
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:xdist",
                            *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+if __name__ == "__main__":  # build(): python emu_variant.py SRC BUILD_DIR SANITIZE
+    _build_here(sys.argv[1], sys.argv[2], sys.argv[3] == "1")

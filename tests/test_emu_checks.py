@@ -38,6 +38,16 @@ def test_broken_decode_kernel_fails_the_parity_tests(mutation):
     assert "FAILED" in result.stdout, result.stdout[-3000:]
 
 
+def test_a_barrier_some_threads_never_reach_is_reported_as_a_hang():
+    patch = {DECODE: ("  __syncthreads();  // the pipeline buffers become the merge area\n",
+                      "  if (tid < 64) __syncthreads();\n")}
+    library = emu_variant.build("mutant", _rel(patch))
+    result = emu_variant.run_tests(library, PARITY)
+    assert result.returncode != 0
+    assert "hang (a barrier some threads never reach)" in result.stdout, result.stdout[-3000:]
+    assert "kvk_decode_kernel" in result.stdout and "wait at __syncthreads" in result.stdout, result.stdout[-3000:]
+
+
 def test_sanitized_kernels_run_clean():
     library = emu_variant.build("sanitized", sanitize=True)
     result = emu_variant.run_tests(library, PARITY, sanitize=True)
