@@ -88,8 +88,10 @@ def _env(sanitize: bool) -> dict:
 def run_tests(library: str, args: list[str], *, sanitize: bool = False, timeout: int = 600):
     """pytest `args` in a subprocess whose emulator is `library` -> CompletedProcess (output in .stdout)."""
     env = dict(_env(sanitize), KVKERNELS_EMU_LIBRARY=library)
+    # -s: a sanitizer report is written to fd 2 and the process exits at once, so pytest must not
+    # capture it.
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:xdist",
-                           *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+                           *(["-s"] if sanitize else []), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 if __name__ == "__main__":  # build(): python emu_variant.py SRC BUILD_DIR SANITIZE

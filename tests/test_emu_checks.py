@@ -58,10 +58,10 @@ def test_sanitized_kernels_run_clean():
 
 
 def test_sanitizer_catches_a_shared_memory_index_one_past_the_end():
-    # The paged row flags are the last bytes of the block's shared memory at D = 128: moved by one,
-    # the last row's flag lands one byte past the launch's allocation.
+    # The paged row flags moved to the end of the block's shared memory: the flag of row 0 is the
+    # first byte past the launch's allocation.
     patch = {DECODE: ("unsigned char* const flags = smem + Tr::kPipeBytes;",
-                      "unsigned char* const flags = smem + Tr::kPipeBytes + 1;")}
+                      "unsigned char* const flags = smem + Tr::kSmemBytes;")}
     library = emu_variant.build("sanitized", _rel(patch), sanitize=True)
     result = emu_variant.run_tests(library, PARITY, sanitize=True)
     output = result.stdout + result.stderr
