@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.14.1
-PYTEST_ARGS ?= -n auto
+# loadgroup: the emulator-variant tests (tests/test_emu_checks.py) share one worker and its builds.
+PYTEST_ARGS ?= -n auto --dist loadgroup
 STAMP  := $(VENV)/.kvkernels-installed
 
 .PHONY: all install build test test-gpu demo info gpu-check bench clean

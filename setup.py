@@ -2,7 +2,12 @@
 
     pip install --no-build-isolation -e .        # builds the extension if nvcc is on PATH
     KVKERNELS_SKIP_CUDA=1 pip install ...        # Triton + reference only
+    KVKERNELS_SKIP_EMU=1 pip install ...         # without the CPU emulator kvkernels._emu
     TORCH_CUDA_ARCH_LIST="9.0a" pip install ...  # default "8.0;9.0a"
+
+The same kernels also build as host C++ into `kvkernels._emu` (csrc/emu/: the CPU emulator of the
+sm_80 instructions, ops torch.ops.kvkernels_emu.* on CPU tensors); that needs the toolkit's headers
+only (cuda_fp16.h & co. compile on the host), no nvcc run and no GPU.
 
 Kernel files (csrc/kernels/*.cuh, csrc/launch/*.cu) include CUDA headers only; torch glue lives
 in csrc/ops/*.cpp. A .cu including torch/extension.h costs ~2 minutes on 2 cores, a CUDA-only
@@ -86,7 +91,29 @@ def _cuda_extension():
         extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
     )
     _write_build_info(cuda_home)
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext] + _emu_extension(cuda_home), {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+def _emu_extension(cuda_home):
+    """kvkernels._emu: csrc/kernels and csrc/launch compiled by the host compiler against the
+    emulator (csrc/emu/device.h, emu/ptx.h), plus the torch glue of csrc/ops for CPU tensors."""
+    if os.environ.get("KVKERNELS_SKIP_EMU", "0") == "1":
+        print("kvkernels: KVKERNELS_SKIP_EMU=1, building without the CUDA emulator")
+        return []
+    from torch.utils.cpp_extension import CppExtension
+
+    return [CppExtension(
+        name="kvkernels._emu",
+        sources=sorted(glob.glob("csrc/emu/*.cpp")),
+        include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(cuda_home, "include")],
+        # -fno-strict-aliasing: the kernels view registers and shared memory through casts that nvcc
+        # accepts and GCC's aliasing rules would not.
+        extra_compile_args=["-O2", "-fno-strict-aliasing", "-DKVK_EMULATE"],
+        # -Bsymbolic: the module's own definitions win over same-named ones already loaded, namely
+        # libcudart's cudaGetLastError & co. (torch loads it globally) and kvkernels._C's host stubs
+        # of the very same kernel templates, which would launch on a GPU instead of emulating.
+        extra_link_args=["-Wl,-Bsymbolic"],
+    )]
 
 
 def _write_build_info(cuda_home):

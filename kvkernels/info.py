@@ -39,9 +39,9 @@ def extension_archs() -> list[str]:
     import re
     import subprocess
 
-    from .cuda import available
+    from .cuda import extension_reason
     tool = find_cuobjdump()
-    if not available() or tool is None:
+    if extension_reason() is not None or tool is None:
         return []
     import kvkernels._C as ext
     try:
@@ -55,7 +55,7 @@ def extension_archs() -> list[str]:
 def collect() -> dict:
     from . import config
     from .api import get_backend
-    from .cuda import unavailable_reason
+    from .cuda import emulator_reason, extension_reason
 
     info = {
         "kvkernels": __import__("kvkernels").__version__,
@@ -65,8 +65,10 @@ def collect() -> dict:
         "triton": None,
         "gpu": None,
         "backends": {},
-        "extension": {"built": unavailable_reason() is None, "reason": unavailable_reason(),
+        "extension": {"built": extension_reason() is None, "reason": extension_reason(),
                       "build": build_info(), "archs_in_binary": extension_archs()},
+        # The same CUDA kernels built for the host against the sm_80 emulator (csrc/emu/).
+        "emulator": {"built": emulator_reason() is None, "reason": emulator_reason()},
         "env": {k: os.environ[k] for k in ("KVKERNELS_BACKEND", "KVKERNELS_CHECK", "KVKERNELS_BATCH_INVARIANT",
                                            "TRITON_INTERPRET") if k in os.environ},
         "modes": {"checked": config.checked_mode(), "batch_invariant": config.batch_invariant()},
@@ -90,7 +92,10 @@ def collect() -> dict:
         if name == "triton" and usable and not torch.cuda.is_available():
             note = "interpreter only (TRITON_INTERPRET=1): correct but slow, for tests"
         if name == "cuda" and usable and not torch.cuda.is_available():
-            usable, note = False, "built, but no CUDA device to launch on"
+            if emulator_reason() is None:
+                note = "no CUDA device: CPU tensors run the kernels in the emulator (correct but slow, for tests)"
+            else:
+                usable, note = False, "built, but no CUDA device to launch on"
         info["backends"][name] = {"usable": usable, "note": note}
     return info
 
@@ -116,6 +121,9 @@ def run(args) -> int:
               f"(SASS in binary: {', '.join(ext['archs_in_binary']) or '?'}; {b.get('nvcc', '?')})")
     else:
         print(f"CUDA extension: not built ({ext['reason']})")
+    emu = info["emulator"]
+    print("CUDA emulator: " + ("built (kvkernels._emu: the CUDA kernels on CPU tensors, sm_80 instructions emulated)"
+                               if emu["built"] else f"not built ({emu['reason']})"))
     print("backends:")
     for name, b in info["backends"].items():
         print(f"  {name:<10} {'usable' if b['usable'] else 'unusable':<9} {b['note']}")

@@ -14,10 +14,13 @@ import os
 import pytest
 import torch
 
+import kvkernels.cuda
 import kvkernels.triton  # (sets TRITON_INTERPRET=1 before any kernel is defined when there is no GPU)
 from kvkernels import reference
 
 HAS_CUDA = torch.cuda.is_available()
+# The CUDA kernels built for the host against the emulator (csrc/emu/): backend="cuda" on CPU tensors.
+HAS_EMULATOR = kvkernels.cuda.emulator_available()
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # one torch thread per xdist worker: workers x threads > cores makes OpenMP threads spin
     torch.set_num_threads(1)
@@ -139,9 +142,12 @@ def devices():
 
 def kernel_backends():
     """(backend, device) pairs that run real kernels here: Triton everywhere (interpreted on the
-    CPU), CUDA when there is a device."""
+    CPU), the CUDA kernels in the emulator on CPU tensors when it is built, CUDA when there is a
+    device."""
     # With a GPU present Triton compiles for it and cannot interpret CPU tensors.
     pairs = [pytest.param("triton", "cpu", id="triton-cpu")] if kvkernels.triton.INTERPRET else []
+    if HAS_EMULATOR:
+        pairs += [pytest.param("cuda", "cpu", id="cuda-emu", marks=pytest.mark.emu)]
     if HAS_CUDA:
         pairs += [pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu),
                   pytest.param("cuda", "cuda", id="cuda-cuda", marks=pytest.mark.gpu)]
@@ -155,4 +161,4 @@ def gen():
 
 __all__ = ["assert_parity", "assert_lse_close", "randn", "seeded", "poison_contiguous", "build_paged",
            "lengths_tensor", "devices", "kernel_backends", "reference", "AWKWARD_LENGTHS", "LOW_PRECISION",
-           "HAS_CUDA", "TRITON_DEVICE", "run_or_skip"]
+           "HAS_CUDA", "HAS_EMULATOR", "TRITON_DEVICE", "run_or_skip"]

@@ -5,10 +5,11 @@
 // also valid on sm_90a; the sm_90a-only instructions (wgmma, TMA, mbarrier, setmaxnreg) live with
 // the one kernel that uses them (kernels/prefill_wgmma.cuh).
 //
+//   kvk::dynamic_smem()                    the block's dynamic shared memory (the launch's byte count)
 //   kvk::smem_u32(p)                       generic pointer into shared memory -> 32-bit shared address
 //   kvk::cp_async_16(smem, gmem, valid)    16-byte async global -> shared copy (.cg), zero-fill if !valid
 //   kvk::cp_async_commit() / cp_async_wait<N>()
-//   kvk::ldmatrix_x4(r, smem)              four 8x8 b16 matrices (also _trans), smem: address or pointer
+//   kvk::ldmatrix_x4(r, smem)              four 8x8 b16 matrices (also _x1, _x2, _trans), smem: address or pointer
 //   kvk::mma_m16n8k16<T>(d, a, b0, b1)     d (16x8 fp32) += a (16x16) * b (16x8), T = __half / bf16
 //   kvk::exp2_approx(x), kvk::rcp_approx(x) the MUFU approximations (ex2, rcp)
 //   kvk::pack2<T>(lo, hi)                  two fp32 -> one register of two T (round to nearest even)
@@ -16,6 +17,10 @@
 // Shared-memory operands come either as a 32-bit shared address (kernels that keep a base address
 // and add byte offsets: one register per operand, no 64-bit pointer math) or as a generic pointer
 // (converted with smem_u32); both overloads emit the same instruction.
+//
+// Built with KVK_EMULATE (the CPU emulator, csrc/emu/), the instructions come from emu/ptx.h
+// instead: the same names and signatures with the PTX ISA's semantics in host C++, so the kernels
+// compile unchanged for both.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -23,7 +28,16 @@
 
 #include <cstdint>
 
+#if defined(KVK_EMULATE)
+#include "emu/ptx.h"
+#else
 namespace kvk {
+
+// One name for the dynamic shared memory of every kernel (its size is the launch's third argument).
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+  extern __shared__ __align__(128) unsigned char kvk_dynamic_smem[];
+  return kvk_dynamic_smem;
+}
 
 __device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
@@ -40,10 +54,6 @@ __device__ __forceinline__ void cp_async_16(uint32_t smem, const void* gmem, boo
                : "memory");
 }
 
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
-  cp_async_16(smem_u32(smem), gmem, valid);
-}
-
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 
 // Wait until at most N of this thread's committed groups are still in flight.
@@ -54,6 +64,25 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // ------------------------------------------------------------------------------ ldmatrix
 
+// One and two 8x8 b16 matrices (lanes 0-7, 0-15 supply the row addresses).
+__device__ __forceinline__ void ldmatrix_x1(uint32_t (&r)[1], uint32_t smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(smem));
+}
+
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], uint32_t smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(smem));
+}
+
+__device__ __forceinline__ void ldmatrix_x1_trans(uint32_t (&r)[1], uint32_t smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(smem));
+}
+
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], uint32_t smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem));
+}
+
 // Four 8x8 b16 matrices; lane l supplies the address of row l % 8 of matrix l / 8.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t smem) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -61,17 +90,11 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t smem) {
                : "r"(smem));
 }
 
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) { ldmatrix_x4(r, smem_u32(smem)); }
-
 // The same, each matrix transposed (the B operand of P V from a row-major V tile).
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t smem) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem));
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
-  ldmatrix_x4_trans(r, smem_u32(smem));
 }
 
 // ------------------------------------------------------------------------------ mma.sync
@@ -115,6 +138,23 @@ __device__ __forceinline__ float rcp_approx(float x) {
   float y;
   asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
+}
+
+}  // namespace kvk
+#endif  // KVK_EMULATE
+
+namespace kvk {
+
+// ------------------------------------------------------------------------------ shared-pointer forms
+
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  cp_async_16(smem_u32(smem), gmem, valid);
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) { ldmatrix_x4(r, smem_u32(smem)); }
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+  ldmatrix_x4_trans(r, smem_u32(smem));
 }
 
 // ------------------------------------------------------------------------------ fragments

@@ -107,7 +107,22 @@ __host__ __device__ __forceinline__ float div_rn(float a, float b) {
 #endif
 }
 
+// The sign bit of element e of a 16-byte vector of Src, from its bits.
+template <typename Src>
+__host__ __device__ __forceinline__ uint32_t sign_bit(const uint4& raw, int e) {
+  Vec16<Src> v;
+  v.raw = raw;
+  if constexpr (sizeof(Src) == 2) {
+    return static_cast<uint32_t>(v.u16[e]) >> 15;
+  } else {
+    return v.u32[e] >> 31;
+  }
+}
+
 // The 16-byte cache vector for kSrcLoads source vectors: a copy, or fp8 of value / scale.
+// A NaN source keeps its sign, as in the reference (NaN / scale in torch): the device's fp16 -> fp32
+// conversion and its division both return the canonical, positive NaN, so the sign is put back
+// from the source's bits.
 template <typename Src, typename Cache>
 __host__ __device__ __forceinline__ uint4 append_convert(const uint4 (&src)[AppendTraits<Src, Cache>::kSrcLoads],
                                                 float scale) {
@@ -121,7 +136,10 @@ __host__ __device__ __forceinline__ uint4 append_convert(const uint4 (&src)[Appe
       float part[Tr::kSrcElems];
       unpack_to_float<Src>(src[j], part);
 #pragma unroll
-      for (int e = 0; e < Tr::kSrcElems; ++e) values[j * Tr::kSrcElems + e] = div_rn(part[e], scale);
+      for (int e = 0; e < Tr::kSrcElems; ++e) {
+        const float q = div_rn(part[e], scale);
+        values[j * Tr::kSrcElems + e] = q != q ? float_from_bits(0x7FC00000u | (sign_bit<Src>(src[j], e) << 31)) : q;
+      }
     }
     return pack_from_float<Cache>(values);
   }

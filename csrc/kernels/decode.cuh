@@ -219,7 +219,7 @@ __global__ void __launch_bounds__(kThreads, 2) kvk_decode_kernel(const __grid_co
   constexpr int kT = Tr::kTokens;
   constexpr int kS = Tr::kStages;
   constexpr int R = Tr::kRowsPerThread;
-  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* const smem = dynamic_smem();
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5;

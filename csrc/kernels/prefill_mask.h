@@ -33,12 +33,17 @@ struct Mask {
     *hi = right < 0 ? sk - 1 : imin(sk - 1, i + diag + right);
   }
 
+  // The keys [*lo, *hi) that some row of [m_first, m_last] sees (empty when *lo >= *hi).
+  KVK_HOST_DEVICE void key_range(int m_first, int m_last, int* lo, int* hi) const {
+    *lo = left < 0 ? 0 : imax(0, m_first + diag - left);
+    *hi = right < 0 ? sk : imin(sk, m_last + diag + right + 1);
+  }
+
   // Key tiles [*tile_begin, *tile_begin + *n_tiles) of width block_n that hold every key some row
   // of [m_first, m_last] sees; *n_tiles may be 0 (every row of the block is fully masked).
   KVK_HOST_DEVICE void tile_range(int m_first, int m_last, int block_n, int* tile_begin, int* n_tiles) const {
-    int lo = 0, hi = sk;  // keys [lo, hi)
-    if (left >= 0) lo = imax(lo, m_first + diag - left);
-    if (right >= 0) hi = imin(hi, m_last + diag + right + 1);
+    int lo, hi;
+    key_range(m_first, m_last, &lo, &hi);
     *tile_begin = lo / block_n;
     *n_tiles = hi > lo ? (hi + block_n - 1) / block_n - lo / block_n : 0;
   }

@@ -16,6 +16,7 @@
 
 #include <cuda_runtime.h>
 
+#include "common/launch.cuh"
 #include "common/ptx.cuh"
 #include "common/vec.cuh"
 #include "kernels/prefill_common.cuh"
@@ -33,17 +34,20 @@ __device__ __forceinline__ int swz(int row, int chunk) {
   return row * D + ((chunk ^ (row & 7)) << 3);
 }
 
-// Cooperative copy of rows [0, ROWS) of a [rows_valid][D] global tile into a swizzled shared tile;
-// rows >= rows_valid become zeros (never read from global memory).
+// Cooperative copy of rows [0, ROWS) of a global tile into a swizzled shared tile; only rows
+// [row_lo, row_hi) are read, the others become zeros. For K/V tiles that range is the keys some
+// row of the block sees: a key before the window's start or past the sequence is never read, so
+// a NaN or inf stored there cannot reach the output through P = 0 times V.
 template <int ROWS, int D, int NT, typename T>
-__device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t row_stride, int rows_valid, int tid) {
+__device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t row_stride, int row_lo, int row_hi,
+                                                int tid) {
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
   static_assert((ROWS * kChunks) % NT == 0, "tile must split evenly over the block");
 #pragma unroll
   for (int i = 0; i < ROWS * kChunks / NT; ++i) {
     const int idx = tid + i * NT;
     const int row = idx / kChunks, chunk = idx % kChunks;
-    const bool valid = row < rows_valid;
+    const bool valid = row >= row_lo && row < row_hi;
     const T* src = valid ? gmem + row * row_stride + chunk * 8 : gmem;
     cp_async_16(smem + swz<D>(row, chunk), src, valid);
   }
@@ -67,7 +71,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) kvk_prefill_sm80_kernel(cons
   constexpr int kNTilesO = D / 8;   // n8 tiles of O per warp
   constexpr int kKSteps = D / 16;   // k16 steps of Q K^T
 
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* const smem_raw = dynamic_smem();
   T* sQ = reinterpret_cast<T*>(smem_raw);  // [BM][D]
   T* sK = sQ + BM * D;                     // [2][BN][D]
   T* sV = sK + 2 * BN * D;                 // [2][BN][D]
@@ -104,12 +108,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) kvk_prefill_sm80_kernel(cons
 
   if (n_tiles > 0) {
     // cp.async groups, in commit order: Q, K_0, V_0, then (K_{j+1}, V_{j+1}) once per tile.
-    load_tile_async<BM, D, NT>(sQ, q, p.q_row_stride, seq.sq - m_start, tid);
+    load_tile_async<BM, D, NT>(sQ, q, p.q_row_stride, 0, seq.sq - m_start, tid);
     cp_async_commit();
+    int key_lo, key_hi;  // the keys some row of the block sees
+    mask.key_range(m_start, m_last, &key_lo, &key_hi);
     const int n0_first = tile_begin * BN;
-    load_tile_async<BN, D, NT>(sK, k + int64_t(n0_first) * p.k_row_stride, p.k_row_stride, seq.sk - n0_first, tid);
+    load_tile_async<BN, D, NT>(sK, k + int64_t(n0_first) * p.k_row_stride, p.k_row_stride, key_lo - n0_first,
+                               key_hi - n0_first, tid);
     cp_async_commit();
-    load_tile_async<BN, D, NT>(sV, v + int64_t(n0_first) * p.v_row_stride, p.v_row_stride, seq.sk - n0_first, tid);
+    load_tile_async<BN, D, NT>(sV, v + int64_t(n0_first) * p.v_row_stride, p.v_row_stride, key_lo - n0_first,
+                               key_hi - n0_first, tid);
     cp_async_commit();
 
     // ldmatrix lane -> row/chunk patterns (see the fragment layouts of mma.m16n8k16):
@@ -142,10 +150,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) kvk_prefill_sm80_kernel(cons
       if (it + 1 < n_tiles) {
         const int n1 = n0 + BN;
         load_tile_async<BN, D, NT>(sK + (buf ^ 1) * BN * D, k + int64_t(n1) * p.k_row_stride, p.k_row_stride,
-                                   seq.sk - n1, tid);
+                                   key_lo - n1, key_hi - n1, tid);
         cp_async_commit();
         load_tile_async<BN, D, NT>(sV + (buf ^ 1) * BN * D, v + int64_t(n1) * p.v_row_stride, p.v_row_stride,
-                                   seq.sk - n1, tid);
+                                   key_lo - n1, key_hi - n1, tid);
         cp_async_commit();
       } else {  // empty groups keep the wait counts below uniform
         cp_async_commit();
@@ -255,7 +263,7 @@ cudaError_t launch_sm80(const PrefillParams& p, cudaStream_t stream) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid((p.seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM, p.num_heads, p.batch);
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+  KVK_LAUNCH(grid, Cfg::kThreads, Cfg::kSmemBytes, stream, kernel)(p);
   return cudaGetLastError();
 }
 

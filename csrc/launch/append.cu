@@ -1,5 +1,6 @@
 // Instantiations and host launcher of the append kernels: 4 source kinds x 6 addressing modes
 // (contiguous and paged, each dense or ragged; int32 slots, int64 slots) = 24 small kernels.
+#include "common/launch.cuh"
 #include "kernels/append.cuh"
 #include "launch/append.h"
 
@@ -9,9 +10,9 @@ namespace {
 template <typename Src, typename Cache, AppendMode kMode, typename SlotT>
 cudaError_t launch_kernel(const AppendParams& p, bool ragged, dim3 grid, cudaStream_t stream) {
   if (ragged) {
-    kvk_append_kernel<Src, Cache, kMode, SlotT, true><<<grid, kAppendThreads, 0, stream>>>(p);
+    KVK_LAUNCH(grid, kAppendThreads, 0, stream, kvk_append_kernel<Src, Cache, kMode, SlotT, true>)(p);
   } else {
-    kvk_append_kernel<Src, Cache, kMode, SlotT, false><<<grid, kAppendThreads, 0, stream>>>(p);
+    KVK_LAUNCH(grid, kAppendThreads, 0, stream, kvk_append_kernel<Src, Cache, kMode, SlotT, false>)(p);
   }
   return cudaGetLastError();
 }
@@ -28,9 +29,9 @@ cudaError_t launch_for_source(const AppendParams& p, AppendMode mode, bool slot_
     case AppendMode::kSlots:
       if (ragged) return cudaErrorInvalidValue;  // slots address tokens directly
       if (slot_int64) {
-        kvk_append_kernel<Src, Cache, AppendMode::kSlots, int64_t><<<grid, kAppendThreads, 0, stream>>>(p);
+        KVK_LAUNCH(grid, kAppendThreads, 0, stream, kvk_append_kernel<Src, Cache, AppendMode::kSlots, int64_t>)(p);
       } else {
-        kvk_append_kernel<Src, Cache, AppendMode::kSlots, int32_t><<<grid, kAppendThreads, 0, stream>>>(p);
+        KVK_LAUNCH(grid, kAppendThreads, 0, stream, kvk_append_kernel<Src, Cache, AppendMode::kSlots, int32_t>)(p);
       }
       return cudaGetLastError();
     default:

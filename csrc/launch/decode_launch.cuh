@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cstdint>
 
+#include "common/launch.cuh"
 #include "kernels/decode.cuh"
 #include "launch/decode.h"
 
@@ -34,11 +35,11 @@ cudaError_t launch_typed(const DecodeParams& p, cudaStream_t stream) {
   cudaError_t err = allow_smem(kernel, Tr::kSmemBytes, smem_done);
   if (err != cudaSuccess) return err;
   const int64_t blocks = static_cast<int64_t>(p.batch) * p.num_kv_heads * p.num_splits * p.head_chunks;
-  kernel<<<static_cast<unsigned>(blocks), kThreads, Tr::kSmemBytes, stream>>>(p);
+  KVK_LAUNCH(static_cast<unsigned>(blocks), kThreads, Tr::kSmemBytes, stream, kernel)(p);
   err = cudaGetLastError();
   if (err != cudaSuccess || p.num_splits == 1) return err;
   const int64_t rows = static_cast<int64_t>(p.batch) * p.num_heads;
-  kvk_decode_merge_kernel<T, D><<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(p);
+  KVK_LAUNCH(static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0, stream, kvk_decode_merge_kernel<T, D>)(p);
   return cudaGetLastError();
 }
 

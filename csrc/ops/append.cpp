@@ -10,12 +10,11 @@
 #include <optional>
 
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "launch/append.h"
 #include "ops/checks.h"
+#include "ops/device.h"
 
 namespace kvk {
 namespace {
@@ -126,8 +125,8 @@ AppendSource fill_common(AppendParams& p, const Tensor& k, const Tensor& v, cons
 }
 
 void launch(const AppendParams& p, AppendSource source, AppendMode mode, bool slot_int64, const Tensor& k_cache) {
-  const c10::cuda::CUDAGuard guard(k_cache.device());
-  const cudaError_t err = launch_append(p, source, mode, slot_int64, c10::cuda::getCurrentCUDAStream().stream());
+  const OpsLaunchContext ctx(k_cache);
+  const cudaError_t err = launch_append(p, source, mode, slot_int64, ctx.stream());
   TORCH_CHECK(err == cudaSuccess, "kvkernels append launch failed: ", cudaGetErrorString(err));
 }
 
@@ -199,14 +198,14 @@ void append_kv_slots(const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& 
 }  // namespace
 }  // namespace kvk
 
-TORCH_LIBRARY_FRAGMENT(kvkernels_C, m) {
+TORCH_LIBRARY_FRAGMENT(KVK_OPS_NAMESPACE, m) {
   m.def("append_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
         "Tensor? block_table, Tensor? k_scale, Tensor? v_scale, Tensor? cu_seqlens=None) -> ()");
   m.def("append_kv_slots(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, "
         "Tensor? k_scale, Tensor? v_scale) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(kvkernels_C, CUDA, m) {
+TORCH_LIBRARY_IMPL(KVK_OPS_NAMESPACE, KVK_OPS_DISPATCH, m) {
   m.impl("append_kv", &kvk::append_kv);
   m.impl("append_kv_slots", &kvk::append_kv_slots);
 }

@@ -10,12 +10,15 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "ops/device.h"
+
 namespace kvk {
 
-// t lives on `like`'s CUDA device (every tensor of a launch is on one device, the one its guard
-// selects).
+// t lives on `like`'s device, of the kind this build runs on (CUDA; the CPU for the emulator):
+// every tensor of a launch is on one device, the one its guard selects.
 inline void check_device(const char* prefix, const char* name, const at::Tensor& t, const at::Tensor& like) {
-  TORCH_CHECK(t.is_cuda(), prefix, name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.device().type() == kOpsDevice, prefix, name, " must be a ", kOpsDeviceName, " tensor, got ",
+              t.device());
   TORCH_CHECK(t.device() == like.device(), prefix, name, " is on ", t.device(), ", expected ", like.device());
 }
 

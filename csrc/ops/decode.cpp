@@ -12,12 +12,11 @@
 #include <optional>
 
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "launch/decode.h"
 #include "ops/checks.h"
+#include "ops/device.h"
 
 namespace kvk {
 namespace {
@@ -191,19 +190,19 @@ void decode(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const
   p.num_splits = static_cast<int>(num_splits);
   p.split_tokens = static_cast<int>(split_tokens);
 
-  const c10::cuda::CUDAGuard guard(q.device());
-  const cudaError_t err = launch_decode(p, q_dtype, cache_dtype, paged, c10::cuda::getCurrentCUDAStream().stream());
+  const OpsLaunchContext ctx(q);
+  const cudaError_t err = launch_decode(p, q_dtype, cache_dtype, paged, ctx.stream());
   TORCH_CHECK(err == cudaSuccess, "kvkernels decode launch failed: ", cudaGetErrorString(err));
 }
 
 }  // namespace
 }  // namespace kvk
 
-TORCH_LIBRARY_FRAGMENT(kvkernels_C, m) {
+TORCH_LIBRARY_FRAGMENT(KVK_OPS_NAMESPACE, m) {
   m.def("decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? block_table, "
         "Tensor? k_scale, Tensor? v_scale, Tensor(a!) out, Tensor(b!) lse, Tensor(c!) workspace_out, "
         "Tensor(d!) workspace_lse, float softmax_scale, int window_left, float softcap, int num_splits, "
         "int split_tokens) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(kvkernels_C, CUDA, m) { m.impl("decode", &kvk::decode); }
+TORCH_LIBRARY_IMPL(KVK_OPS_NAMESPACE, KVK_OPS_DISPATCH, m) { m.impl("decode", &kvk::decode); }

@@ -19,8 +19,6 @@
 #include <vector>
 
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
@@ -28,6 +26,7 @@
 #include "kernels/prefill_mask.h"
 #include "launch/prefill.h"
 #include "ops/checks.h"
+#include "ops/device.h"
 
 namespace kvk {
 namespace {
@@ -189,9 +188,8 @@ void prefill_op(const Tensor& q, const Tensor& k, const Tensor& v, const std::op
   p.window_left = static_cast<int>(clamp_window(window_left, total_q + total_k));
   p.window_right = static_cast<int>(clamp_window(window_right, total_q + total_k));
 
-  const c10::cuda::CUDAGuard guard(q.device());
-  const cudaError_t err = prefill_launch(static_cast<int>(path), q.scalar_type() == at::kBFloat16, p,
-                                         c10::cuda::getCurrentCUDAStream().stream());
+  const OpsLaunchContext ctx(q);
+  const cudaError_t err = prefill_launch(static_cast<int>(path), q.scalar_type() == at::kBFloat16, p, ctx.stream());
   TORCH_CHECK(err == cudaSuccess, "kvkernels prefill launch failed: ", cudaGetErrorString(err));
 }
 
@@ -242,7 +240,7 @@ std::tuple<std::vector<int64_t>, std::vector<int64_t>> prefill_mask_plan(int64_t
 }  // namespace
 }  // namespace kvk
 
-TORCH_LIBRARY_FRAGMENT(kvkernels_C, m) {
+TORCH_LIBRARY_FRAGMENT(KVK_OPS_NAMESPACE, m) {
   m.def("prefill(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor(a!) out, "
         "Tensor(b!) lse, int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, "
         "int window_right, float softcap, int path) -> ()");
@@ -253,4 +251,4 @@ TORCH_LIBRARY_FRAGMENT(kvkernels_C, m) {
         &kvk::prefill_mask_plan);
 }
 
-TORCH_LIBRARY_IMPL(kvkernels_C, CUDA, m) { m.impl("prefill", &kvk::prefill_op); }
+TORCH_LIBRARY_IMPL(KVK_OPS_NAMESPACE, KVK_OPS_DISPATCH, m) { m.impl("prefill", &kvk::prefill_op); }

@@ -20,7 +20,7 @@ import functools
 
 import torch
 
-from . import has_op, layout_reason
+from . import device_reason, layout_reason, ops
 
 _FP8 = (torch.float8_e4m3fn,)
 _FP8_SOURCES = (torch.float16, torch.bfloat16, torch.float32)
@@ -30,23 +30,21 @@ _MAX_GRID_Y = 65535
 
 
 @functools.lru_cache(maxsize=None)
-def _has_ragged() -> bool:
+def _has_ragged(device_type: str) -> bool:
     """An extension built before ragged appends has no cu_seqlens argument: auto selection then
     gives ragged calls to Triton instead of failing in the raw op."""
-    schema = torch.ops.kvkernels_C.append_kv.default._schema
+    schema = ops(torch.device(device_type)).append_kv.default._schema
     return any(a.name == "cu_seqlens" for a in schema.arguments)
 
 
 def unsupported(op: str, *, k, k_cache, v=None, v_cache=None, ragged=False, **_) -> str | None:
     op_name = "append_kv" if op == "append" else "append_kv_slots"
-    if not has_op(op_name):
-        return f"this build of the extension has no {op_name} kernel"
-    if ragged and not _has_ragged():
-        return "this build of the extension has no ragged append_kv kernel (rebuild it)"
     tensors = {"k": k, "v": v, "k_cache": k_cache, "v_cache": v_cache}
-    for name, t in tensors.items():
-        if t is not None and t.device.type != "cuda":
-            return f"{name} is on {t.device}, the CUDA kernels need CUDA tensors"
+    reason = device_reason(op_name, tensors)
+    if reason:
+        return reason
+    if ragged and not _has_ragged(k_cache.device.type):
+        return "this build of the extension has no ragged append_kv kernel (rebuild it)"
     if k_cache.dtype in _FP8:
         if k.dtype not in _FP8_SOURCES:
             return f"an fp8 cache is written from float16, bfloat16 or float32 sources, not {k.dtype}"
@@ -72,12 +70,12 @@ def append(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale,
     or paged [pages, page_size, Hkv, D] with block_table int32 [B, max_pages]; cache_seqlens int32 [B];
     k_scale/v_scale fp32 [Hkv] (fp8)."""
     if cu_seqlens is None:  # the dense call keeps working with an extension built before the ragged kernels
-        torch.ops.kvkernels_C.append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale)
+        ops(k_cache.device).append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale)
     else:
-        torch.ops.kvkernels_C.append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale,
-                                        cu_seqlens)
+        ops(k_cache.device).append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale,
+                                      cu_seqlens)
 
 
 def append_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None:
     """k/v [T, Hkv, D]; caches [pages, page_size, Hkv, D]; slot_mapping int32/int64 [T], s < 0 skipped."""
-    torch.ops.kvkernels_C.append_kv_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    ops(k_cache.device).append_kv_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .. import decode_plan
-from . import has_op, layout_reason
+from . import EMULATOR_SM_COUNT, device_reason, emulated, layout_reason, ops
 
 _DTYPES = (torch.float16, torch.bfloat16)
 _FP8 = (torch.float8_e4m3fn,)
@@ -82,11 +82,9 @@ def config_reason(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor 
 
 
 def unsupported(op: str, *, q, k_cache, v_cache=None, paged=False, block_table=None, **_) -> str | None:
-    if not has_op("decode"):
-        return "this build of the extension has no decode kernel"
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if t is not None and t.device.type != "cuda":
-            return f"{name} is on {t.device}, the CUDA kernels need CUDA tensors"
+    reason = device_reason("decode", {"q": q, "k_cache": k_cache, "v_cache": v_cache})
+    if reason:
+        return reason
     return config_reason(q, k_cache, v_cache, paged, block_table)
 
 
@@ -107,11 +105,11 @@ def decode(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, windo
         return out, lse
     window_left = min(window_left, capacity)  # longer windows change nothing; keeps the int small
     split_plan = plan(B, hkv, hq // hkv, d, capacity, window_left, num_splits=num_splits,
-                      batch_invariant=batch_invariant, num_sms=decode_plan.sm_count(q.device.index))
+                      batch_invariant=batch_invariant, num_sms=EMULATOR_SM_COUNT if emulated(q) else decode_plan.sm_count(q.device.index))
     ws_out_shape, ws_lse_shape = workspace_shapes(split_plan, B, hq, d)
     ws_out = torch.empty(ws_out_shape, dtype=torch.float32, device=q.device)
     ws_lse = torch.empty(ws_lse_shape, dtype=torch.float32, device=q.device)
-    torch.ops.kvkernels_C.decode(q, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, out, lse,
-                                 ws_out, ws_lse, float(softmax_scale), int(window_left), float(softcap),
-                                 split_plan.num_splits, split_plan.split_tokens)
+    ops(q.device).decode(q, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, out, lse,
+                         ws_out, ws_lse, float(softmax_scale), int(window_left), float(softcap),
+                         split_plan.num_splits, split_plan.split_tokens)
     return out, lse

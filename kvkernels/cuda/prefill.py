@@ -24,7 +24,8 @@ import os
 
 import torch
 
-from . import has_op, layout_reason
+from . import (EMULATOR_CAPABILITY, EMULATOR_SMEM_OPTIN, _load, arch_list, device_reason, emulated,
+               layout_reason, ops)
 
 HEAD_DIMS = (64, 128, 256)
 PATH_SM80 = 80
@@ -33,7 +34,6 @@ PATHS = (PATH_SM90, PATH_SM80)  # preference order
 _DTYPES = (torch.float16, torch.bfloat16)
 _MAX_GRID_YZ = 65535         # CUDA grid y (query heads) and z (sequences)
 _MAX_TOKENS = 2**30          # Tq + Tk: int32 row arithmetic in the kernels (csrc/ops/prefill.cpp)
-_DEFAULT_ARCHS = "8.0;9.0a"  # setup.py's DEFAULT_ARCHS, used when the build recorded none
 _PATH_ENV = "KVKERNELS_PREFILL_PATH"
 
 
@@ -117,17 +117,20 @@ def _device(index: int) -> tuple[tuple[int, int], int]:
 def plan(path: int, head_dim: int, batch: int, num_heads: int, max_seqlen_q: int) -> dict[str, int]:
     """The launch geometry of one call, from the kernels' own tile table (csrc/kernels/prefill_config.h):
     block_m, block_n, threads, smem_bytes, grid_x (query row blocks), grid_y (heads), grid_z (sequences)."""
-    values = torch.ops.kvkernels_C.prefill_plan(path, head_dim, batch, num_heads, max_seqlen_q)
+    # A CPU op in both builds (the GPU one when present: its tile table is the one that launches).
+    namespace = torch.ops.kvkernels_C if _load() is None else torch.ops.kvkernels_emu
+    values = namespace.prefill_plan(path, head_dim, batch, num_heads, max_seqlen_q)
     keys = ("block_m", "block_n", "threads", "smem_bytes", "grid_x", "grid_y", "grid_z")
     return dict(zip(keys, values))
 
 
-@functools.lru_cache(maxsize=None)
-def _arch_list() -> str:
-    """TORCH_CUDA_ARCH_LIST the extension was built with (read once)."""
-    from ..info import build_info
-    info = build_info() or {}
-    return info.get("archs") or _DEFAULT_ARCHS
+def _target(q: torch.Tensor) -> tuple[tuple[int, int], int, str]:
+    """(compute capability, per-block shared memory limit, archs with code) where q's kernels run:
+    its GPU and this build's cubins, or the emulator (sm_80, whose instructions it emulates)."""
+    if emulated(q):
+        return EMULATOR_CAPABILITY, EMULATOR_SMEM_OPTIN, "8.0"
+    capability, optin = _device(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    return capability, optin, arch_list()
 
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:
@@ -137,10 +140,10 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
 
 
 def path_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int | None:
-    capability, optin = _device(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    capability, optin, archs = _target(q)
     d = q.shape[-1]
     needed = {p: plan(p, d, 1, 1, 1)["smem_bytes"] for p in PATHS}
-    return select_path(capability, _arch_list(), tma_ok=_tma_ok(q, k, v), smem_optin=optin, smem_needed=needed,
+    return select_path(capability, archs, tma_ok=_tma_ok(q, k, v), smem_optin=optin, smem_needed=needed,
                        forced=forced_path())
 
 
@@ -169,19 +172,16 @@ def config_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: boo
 
 
 def unsupported(op: str, *, q, k, v, varlen=False, **_) -> str | None:
-    if not has_op("prefill"):
-        return "this build of the extension has no prefill kernel"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.device.type != "cuda":
-            return f"{name} is on {t.device}, the CUDA kernels need CUDA tensors"
-    reason = config_reason(q, k, v, varlen)
+    reason = device_reason("prefill", {"q": q, "k": k, "v": v}) or config_reason(q, k, v, varlen)
     if reason:
         return reason
     if path_for(q, k, v) is None:
-        capability, _ = _device(q.device.index if q.device.index is not None else torch.cuda.current_device())
+        capability, _, archs = _target(q)
         forced = forced_path()
-        return (f"no CUDA prefill kernel of this build runs on compute capability {capability[0]}.{capability[1]}"
-                + (f" with {_PATH_ENV}={forced}" if forced else "") + f" (built for {_arch_list()})")
+        where = "the emulator (compute capability 8.0)" if emulated(q) else \
+            f"compute capability {capability[0]}.{capability[1]}"
+        return (f"no CUDA prefill kernel of this build runs on {where}"
+                + (f" with {_PATH_ENV}={forced}" if forced else "") + f" (built for {archs})")
     return None
 
 
@@ -207,6 +207,6 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     path = path_for(q, k, v)
     if path is None:  # unsupported() said so first when the backend was chosen
         raise RuntimeError("no CUDA prefill kernel of this build runs on this device")
-    torch.ops.kvkernels_C.prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse, max_seqlen_q, max_seqlen_k,
-                                  float(softmax_scale), int(window_left), int(window_right), float(softcap), path)
+    ops(q.device).prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse, max_seqlen_q, max_seqlen_k,
+                          float(softmax_scale), int(window_left), int(window_right), float(softcap), path)
     return out, lse

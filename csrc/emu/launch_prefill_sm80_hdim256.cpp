@@ -1,0 +1,2 @@
+// The emulator's build of csrc/launch/prefill_sm80_hdim256.cu (the same source, host C++ under KVK_EMULATE).
+#include "launch/prefill_sm80_hdim256.cu"

@@ -1,0 +1,108 @@
+// The execution model of the CUDA emulator: a launch runs its grid block after block; inside a
+// block every CUDA thread is a fiber of its own, scheduled deterministically (round robin in
+// thread order, each fiber runs until it blocks at a barrier or exits). Plain C++17, no CUDA.
+//
+//   kvk::emu::run_grid(kernel, grid, block, smem, body)   body() is the kernel call of one thread
+//   kvk::emu::current()                                    the running thread (ids, lane, block)
+//   kvk::emu::sync_block(name)                             __syncthreads: every thread of the block
+//   kvk::emu::warp_collective(...)                         shuffles, votes, __syncwarp, ldmatrix,
+//                                                          mma.sync: a barrier among the mask's lanes
+//   kvk::emu::shared_ptr(addr, bytes, what)                32-bit shared address -> host pointer,
+//                                                          bounds- and alignment-checked
+//   kvk::emu::fail(fmt, ...)                               stops the launch with a message naming
+//                                                          the kernel, block and thread
+//
+// Where hardware would deadlock (a barrier some threads never reach, lanes of a warp at different
+// collectives) the launch stops with the waiting threads named: the scheduler finds no runnable
+// fiber. Errors surface as a C++ exception (std::runtime_error) from the launch, which the torch
+// glue turns into a Python RuntimeError.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include <vector_types.h>  // uint3, dim3 (host-compilable CUDA toolkit header)
+
+namespace kvk {
+namespace emu {
+
+constexpr int kWarpSize = 32;
+// Inputs and outputs of one lane in a warp collective (mma.sync m16n8k16: 4 A + 2 B + 4 C words).
+constexpr int kCollectiveWords = 12;
+constexpr int kCollectiveOutWords = 4;
+
+struct Warp;
+struct Block;
+// Computes the outputs of every lane of `mask` from their inputs once all have arrived.
+using CollectiveFn = void (*)(Warp& warp, Block& block);
+
+struct AsyncCopy {  // one cp.async in flight: lands at the wait that covers its group
+  unsigned char* dst;
+  unsigned char data[16];  // source bytes (zeros when src-size is 0), read at issue
+  int group;               // index of the commit group it belongs to
+};
+
+struct Thread {
+  uint3 idx;
+  int linear = 0, warp = 0, lane = 0;
+  bool done = false;
+  const char* waiting = nullptr;  // the barrier it waits at, nullptr when runnable
+  void* context = nullptr;        // fiber state (runtime.cpp)
+  uint32_t out[kCollectiveOutWords];
+  std::vector<AsyncCopy> async;   // cp.async issued, not yet waited for
+  int committed = 0;              // cp.async groups committed
+};
+
+struct Warp {
+  CollectiveFn fn = nullptr;  // the collective lanes are gathering at; nullptr: none
+  const char* name = nullptr;
+  uint32_t mask = 0, arrived = 0;
+  uint32_t in[kWarpSize][kCollectiveWords];
+  uint32_t out[kWarpSize][kCollectiveOutWords];
+};
+
+struct Block {
+  uint3 idx;
+  std::vector<Thread> threads;
+  std::vector<Warp> warps;
+  unsigned char* smem = nullptr;  // the launch's dynamic shared memory, exactly smem_bytes
+  size_t smem_bytes = 0;
+  int barrier_arrived = 0;
+};
+
+struct Launch {
+  const char* kernel;
+  dim3 grid, block;
+  size_t smem_bytes;
+};
+
+Thread& current();
+Block& current_block();
+const Launch& current_launch();
+
+// Runs body() as every thread of every block of the grid; throws std::runtime_error on a fault or hang.
+void run_grid(const char* kernel, dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body);
+
+void sync_block(const char* name);
+
+// Deposits this lane's inputs and blocks until every lane of `mask` has arrived at the same
+// collective; returns this lane's outputs (valid until its next collective).
+const uint32_t* warp_collective(const char* name, CollectiveFn fn, uint32_t mask, const uint32_t* in, int n_in);
+
+[[noreturn]] void fail(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+
+// A 32-bit shared-memory address (an offset into the block's dynamic shared memory) as a host
+// pointer to `bytes` bytes; fails, naming `what`, if they are not inside the launch's shared memory
+// or not `align`-aligned.
+unsigned char* shared_ptr(uint32_t addr, size_t bytes, size_t align, const char* what);
+uint32_t shared_addr(const void* ptr, const char* what);
+
+// cudaFuncSetAttribute(MaxDynamicSharedMemorySize) per kernel, checked at launch like the hardware.
+void set_max_dynamic_smem(const void* kernel, int bytes);
+int max_dynamic_smem(const void* kernel);
+
+}  // namespace emu
+}  // namespace kvk

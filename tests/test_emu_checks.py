@@ -1,0 +1,70 @@
+"""Proof that the emulator's checks bite: deliberately broken kernels fail the suite, and the kernels
+run clean under AddressSanitizer + UndefinedBehaviorSanitizer, which catches a shared-memory index
+one past the end. Each case builds a patched copy of csrc/ (tests/emu_variant.py) and runs decode
+tests against it in a subprocess; the unpatched kernels pass the same tests in the main run."""
+
+from __future__ import annotations
+
+import pytest
+
+import emu_variant
+from conftest import HAS_EMULATOR
+
+# One xdist worker runs them all (make test passes --dist loadgroup): the variants share build folders,
+# so each patch recompiles only the files it touches.
+pytestmark = [pytest.mark.emu, pytest.mark.xdist_group("emu-variants"),
+              pytest.mark.skipif(not HAS_EMULATOR, reason="the CUDA emulator is not built")]
+
+DECODE = "csrc/kernels/decode.cuh"
+# Paged and contiguous parity, fp16, several tiles per sequence (awkward lengths up to 511).
+PARITY = ["tests/test_decode.py", "-k", "test_parity_contiguous_and_paged and fp16 and cuda-emu"]
+
+MUTATIONS = {
+    "cp_async_wait_removed": {DECODE: ("    cp_async_wait<kS - 2>();\n", "\n")},
+    "ldmatrix_trans_swapped": {DECODE: ("ldmatrix_x4_trans(vb,", "ldmatrix_x4(vb,")},
+    "syncthreads_dropped": {DECODE: (
+        "    __syncthreads();  // tile's copies visible to all; every warp is done with the stage reused below\n",
+        "\n")},
+    "page_index_off_by_one": {DECODE: ("slot * p.bt_stride_page);", "(slot + 1) * p.bt_stride_page);")},
+}
+
+
+def _rel(patches):
+    return {path.removeprefix("csrc/"): change for path, change in patches.items()}
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_broken_decode_kernel_fails_the_parity_tests(mutation):
+    library = emu_variant.build("mutant", _rel(MUTATIONS[mutation]))
+    result = emu_variant.run_tests(library, PARITY)
+    assert result.returncode != 0, f"{mutation}: the broken kernel passed\n{result.stdout[-3000:]}"
+    assert "FAILED" in result.stdout, result.stdout[-3000:]
+
+
+def test_a_barrier_some_threads_never_reach_is_reported_as_a_hang():
+    patch = {DECODE: ("  __syncthreads();  // the pipeline buffers become the merge area\n",
+                      "  if (tid < 64) __syncthreads();\n")}
+    library = emu_variant.build("mutant", _rel(patch))
+    result = emu_variant.run_tests(library, PARITY)
+    assert result.returncode != 0
+    assert "hang (a barrier some threads never reach)" in result.stdout, result.stdout[-3000:]
+    assert "kvk_decode_kernel" in result.stdout and "wait at __syncthreads" in result.stdout, result.stdout[-3000:]
+
+
+def test_sanitized_kernels_run_clean():
+    library = emu_variant.build("sanitized", sanitize=True)
+    result = emu_variant.run_tests(library, PARITY, sanitize=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+
+def test_sanitizer_catches_a_shared_memory_index_one_past_the_end():
+    # The paged row flags moved to the end of the block's shared memory: the flag of row 0 is the
+    # first byte past the launch's allocation.
+    patch = {DECODE: ("unsigned char* const flags = smem + Tr::kPipeBytes;",
+                      "unsigned char* const flags = smem + Tr::kSmemBytes;")}
+    library = emu_variant.build("sanitized", _rel(patch), sanitize=True)
+    result = emu_variant.run_tests(library, PARITY, sanitize=True)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    assert "AddressSanitizer: heap-buffer-overflow" in output, output[-3000:]
+    assert "kvk_decode_kernel" in output, output[-3000:]  # the report's stack names the kernel
