@@ -211,11 +211,11 @@ if [ "$SKIP_BENCH" = 0 ]; then
   fi
   # The main decode grid without FlexAttention (one compile per shape would eat the budget), then a
   # few points with every peer, flex included, measured side by side.
-  bench decode 90 120 decode --preset llama3-8b "${DEC[@]}" --cuda-graph --exclude flex
-  bench decode-fp8 30 100 decode --preset llama3-8b --batch 16,64 --context 4k,16k --page-size 16 --fp8 on --cuda-graph --exclude flex
-  bench decode-peers 40 70 decode --preset llama3-8b,llama3-70b --batch 16 --context 8k --page-size 0 --cuda-graph
-  bench prefill 50 40 prefill --preset llama3-8b "${PRE[@]}"
-  bench append 25 25 append --preset llama3-8b "${APP[@]}" --cuda-graph
+  bench decode 90 120 decode --preset llama-3-8b "${DEC[@]}" --cuda-graph --exclude flex
+  bench decode-fp8 30 100 decode --preset llama-3-8b --batch 16,64 --context 4k,16k --page-size 16 --fp8 on --cuda-graph --exclude flex
+  bench decode-peers 40 70 decode --preset llama-3-8b,llama-3-70b --batch 16 --context 8k --page-size 0 --cuda-graph
+  bench prefill 50 40 prefill --preset llama-3-8b "${PRE[@]}"
+  bench append 25 25 append --preset llama-3-8b "${APP[@]}" --cuda-graph
   if [ "$SKIP_GEN" = 0 ]; then
     bench generate 30 10 generate --tokens 256
   fi
