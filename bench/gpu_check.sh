@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check (`make gpu-check`): on a machine with an NVIDIA GPU and its own python3 with torch
-# (no virtualenv, no package registry needed), in one command that fits a 10-minute slot:
+# The GPU check (`make gpu-check`): on a machine with an NVIDIA GPU and a python with torch (the
+# project's .venv when there is one, else the machine's own python3; no package registry needed),
+# in one command that fits a 10-minute slot:
 #
 #   1. build the CUDA extension from source (setup.py build_ext --inplace)
 #   2. the full pytest suite, GPU tests included
@@ -17,7 +18,7 @@
 #   --quick            smaller benchmark grids
 #   --out-dir DIR      where results go (default bench/results)
 #   --copy-to DIR      also copy the results files and the log there
-# Environment: PYTHON (default python3), CUDA_HOME (default /usr/local/cuda), TORCH_CUDA_ARCH_LIST
+# Environment: PYTHON (default python3; `make gpu-check` passes .venv/bin/python when it exists), CUDA_HOME (default /usr/local/cuda), TORCH_CUDA_ARCH_LIST
 # (default: this GPU's architecture), KVKERNELS_COMMIT (when the tree has no .git).
 # Wheels in .whl/ (e.g. a FlashInfer peer) are installed into a private folder first.
 
@@ -41,7 +42,7 @@ while [ $# -gt 0 ]; do
     --quick) QUICK=1 ;;
     --out-dir) OUT_DIR=$2; shift ;;
     --copy-to) COPY_TO=$2; shift ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "gpu_check: unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -69,8 +70,16 @@ banner() { echo; echo "=== [$(elapsed)s / ${BUDGET}s] $*"; }
 # ------------------------------------------------------------------------------------ machine
 banner "machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader 2>/dev/null || echo "nvidia-smi: unavailable"
+PY_PATH=$(command -v "$PY" 2>/dev/null || echo "$PY")
+if ! PY_DESC=$($PY -c "import sys, torch; print(f'Python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda})')" 2>&1); then
+  echo "gpu_check: $PY_PATH cannot import torch:" >&2
+  echo "$PY_DESC" | tail -n 3 >&2
+  echo "gpu_check: run \`make install\` for the project's .venv, or point PYTHON=... at a python with torch" >&2
+  exit 2
+fi
+echo "python: $PY_PATH ($PY_DESC)"
 if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  echo "gpu_check: torch sees no CUDA device; this script is for a GPU machine" >&2
+  echo "gpu_check: $PY_PATH's torch ($PY_DESC) sees no CUDA device; this script is for a GPU machine" >&2
   exit 2
 fi
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
@@ -211,12 +220,12 @@ if [ "$SKIP_BENCH" = 0 ]; then
   fi
   # The main decode grid without FlexAttention (one compile per shape would eat the budget), then a
   # few points with every peer, flex included, measured side by side.
-  bench decode 90 120 decode --preset llama3-8b "${DEC[@]}" --cuda-graph --exclude flex
-  bench decode-fp8 30 100 decode --preset llama3-8b --batch 16,64 --context 4k,16k --page-size 16 --fp8 on --cuda-graph --exclude flex
-  bench decode-peers 40 70 decode --preset llama3-8b,llama3-70b --batch 16 --context 8k --page-size 0 --cuda-graph
-  bench prefill 50 40 prefill --preset llama3-8b "${PRE[@]}"
-  bench append 25 25 append --preset llama3-8b "${APP[@]}" --cuda-graph
-  bench cache 30 20 cache --preset llama3-8b --scenario speculative,chunked-prefill,mixed --cuda-graph
+  bench decode 90 120 decode --preset llama-3-8b "${DEC[@]}" --cuda-graph --exclude flex
+  bench decode-fp8 30 100 decode --preset llama-3-8b --batch 16,64 --context 4k,16k --page-size 16 --fp8 on --cuda-graph --exclude flex
+  bench decode-peers 40 70 decode --preset llama-3-8b,llama-3-70b --batch 16 --context 8k --page-size 0 --cuda-graph
+  bench prefill 50 40 prefill --preset llama-3-8b "${PRE[@]}"
+  bench append 25 25 append --preset llama-3-8b "${APP[@]}" --cuda-graph
+  bench cache 30 20 cache --preset llama-3-8b --scenario speculative,chunked-prefill,mixed --cuda-graph
   if [ "$SKIP_GEN" = 0 ]; then
     bench generate 30 10 generate --tokens 256
   fi

@@ -303,6 +303,8 @@ def prefill_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens_q
             max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if cu_seqlens_k.numel() > 1 else 0
         V.scalar("max_seqlen_q", max_seqlen_q, kind=int, minimum=0)
         V.scalar("max_seqlen_k", max_seqlen_k, kind=int, minimum=0)
+        V.max_seqlen("max_seqlen_q", max_seqlen_q, cu_seqlens_q)
+        V.max_seqlen("max_seqlen_k", max_seqlen_k, cu_seqlens_k)
     else:
         for name, x in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k),
                         ("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
@@ -328,7 +330,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, so
     paged:      k_cache/v_cache [num_pages, page_size, Hkv, D], block_table int32 [B, max_pages];
                 position p of sequence b is row p % page_size of page block_table[b, p // page_size].
     window_left >= 0: only the last window_left + 1 positions are seen. fp8 (float8_e4m3fn) caches hold
-    value / scale; k_scale/v_scale are fp32 tensors of shape [] or [Hkv] (default 1).
+    value / scale; k_scale/v_scale are numbers or fp32 tensors of shape [] or [Hkv] (default 1), > 0.
     -> out [B, Hq, D] in q's dtype (+ lse [B, Hq] fp32). An empty sequence gives out 0, lse -inf.
     num_splits: 0 = heuristic, n >= 1 forces n KV splits.
     """

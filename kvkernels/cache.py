@@ -52,14 +52,35 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
 from . import api
+from . import validation as V
+from .cliargs import plural
 
 FP8_DTYPES = (torch.float8_e4m3fn,)
+STORAGE_DTYPES = V.FLOAT_DTYPES + FP8_DTYPES
+
+
+def _int(name: str, value, minimum: int) -> None:
+    """TypeError for a non-int (bool and float included), ValueError for an int below minimum."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _storage_dtype(dtype) -> None:
+    if dtype in STORAGE_DTYPES:
+        return
+    names = ", ".join(str(d).replace("torch.", "") for d in STORAGE_DTYPES)
+    hint = (": fp8 storage is float8_e4m3fn (value = stored * scale)"
+            if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize == 1 else "")
+    raise TypeError(f"dtype must be one of {names}, got {str(dtype).replace('torch.', '')}{hint}")
 
 
 class CacheFullError(RuntimeError):
@@ -93,6 +114,8 @@ def _normalise_scales(name, scale, dtype, num_layers, hkv, device) -> Optional[t
         return None
     if scale is None:
         scale = 1.0
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, torch.Tensor)):
+        raise TypeError(f"{name} must be a number or an fp32 tensor, got {type(scale).__name__}")
     s = torch.as_tensor(scale, dtype=torch.float32).to(device)
     if s.dim() == 0:
         s = s.expand(num_layers, hkv)
@@ -118,10 +141,11 @@ class KVCache:
                  k_scale, v_scale, window_left: int, backend: Optional[str]):
         for name, value in (("num_layers", num_layers), ("max_seqs", max_seqs), ("num_kv_heads", num_kv_heads),
                             ("head_dim", head_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(window_left, bool) or not isinstance(window_left, int) or window_left < -1:
-            raise ValueError(f"window_left must be an int >= -1 (-1: no window), got {window_left!r}")
+            _int(name, value, 1)
+        _int("window_left", window_left, -1)
+        _storage_dtype(dtype)
+        if backend is not None and backend not in ("cuda", "triton", "reference"):
+            raise ValueError(f"backend must be 'cuda', 'triton', 'reference' or None (automatic), got {backend!r}")
         self.num_layers = num_layers
         self.max_seqs = max_seqs
         self.num_kv_heads = num_kv_heads
@@ -165,7 +189,12 @@ class KVCache:
 
     def _check_live(self, seq_id) -> None:
         if seq_id not in self._live:
-            raise KeyError(f"sequence {seq_id!r} is not allocated in this cache")
+            raise ValueError(f"sequence {seq_id!r} is not allocated in this cache (never allocated, or freed): "
+                             "open it with allocate() first")
+
+    def _check_batch_live(self, b: SeqBatch) -> None:
+        if not self._live.issuperset(b.ids):
+            self._check_live(next(i for i in b.ids if i not in self._live))
 
     def _advance_lengths(self, ids, n: int, b: Optional[SeqBatch] = None) -> None:
         """cache_seqlens[ids] += n on the device (no host sync)."""
@@ -216,8 +245,7 @@ class KVCache:
     def allocate(self, num_tokens: int = 0, seq_id: Optional[int] = None) -> int:
         """Open a sequence (the lowest free slot, or `seq_id`) holding num_tokens positions to fill.
         -> its id. Raises CacheFullError (nothing allocated) when no slot or too few pages are free."""
-        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
-            raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
+        _int("num_tokens", num_tokens, 0)
         with self._lock:
             if seq_id is None:
                 free_slots = (i for i in range(self.max_seqs) if i not in self._live)
@@ -225,8 +253,9 @@ class KVCache:
                 if seq_id is None:
                     raise CacheFullError(f"all {self.max_seqs} sequence slots are in use (max_seqs); free one first")
             else:
-                if isinstance(seq_id, bool) or not isinstance(seq_id, int) or not 0 <= seq_id < self.max_seqs:
-                    raise ValueError(f"seq_id must be an int in [0, {self.max_seqs}), got {seq_id!r}")
+                _int("seq_id", seq_id, 0)
+                if seq_id >= self.max_seqs:
+                    raise ValueError(f"seq_id must be in [0, {self.max_seqs}) (max_seqs), got {seq_id}")
                 if seq_id in self._live:
                     raise ValueError(f"sequence {seq_id} is already allocated")
             self._live.add(seq_id)
@@ -243,8 +272,7 @@ class KVCache:
     def extend(self, seq_ids: SeqIds, num_tokens: int) -> None:
         """Grow every sequence of the batch by num_tokens positions (reserving pages), for all layers
         at once. All-or-nothing: CacheFullError leaves the cache unchanged."""
-        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
-            raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
+        _int("num_tokens", num_tokens, 0)
         if seq_ids is None:
             raise ValueError("extend needs the sequence ids (or a SeqBatch)")
         b = self._resolve(seq_ids, 0)
@@ -301,7 +329,7 @@ class KVCache:
     def layer_cache(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The (k, v) storage of one layer, the layout the ops take."""
         if not 0 <= layer < self.num_layers:
-            raise IndexError(f"layer {layer} is out of range [0, {self.num_layers})")
+            raise ValueError(f"layer {layer} is out of range [0, {self.num_layers}) (num_layers)")
         return self.k_cache[layer], self.v_cache[layer]
 
     def _layer_scales(self, layer):
@@ -312,16 +340,16 @@ class KVCache:
     def append(self, layer: int, seq_ids: SeqIds, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k/v [B, n, Hkv, D] as the last n positions of each sequence in one layer
         (kvkernels.append_kv at cache_seqlens - n). Call `extend(ids, n)` first, once per step."""
-        if k.dim() != 4:
-            raise ValueError(f"k must be [B, n, Hkv, D], got shape {tuple(k.shape)}")
+        V.tensor("k", k, rank=4)
         b = self._resolve(seq_ids, k.shape[0])
         if len(b) != k.shape[0]:
             raise ValueError(f"k has batch {k.shape[0]} but {len(b)} sequence ids were given")
+        self._check_batch_live(b)
         n = k.shape[1]
         short = [i for i in b.ids if self._lengths[i] < n] if n else []
         if short:
             raise ValueError(f"sequences {short[:8]} hold fewer than the {n} positions being written: "
-                             f"call extend(ids, {n}) before append")
+                             f"call extend(ids, {n}) before append, once per step for all layers")
         kc, vc = self._views(layer, b)
         seqlens, table = self._batch_state(b)
         start = seqlens - n
@@ -338,11 +366,11 @@ class KVCache:
                            draft tokens to verify) runs kvkernels.cache_attention on the cache in
                            place -> out [B, n, Hq, D] (+ lse [B, Hq, n])
         """
-        if q.dim() not in (3, 4):
-            raise ValueError(f"q must be [B, Hq, D] or [B, n, Hq, D], got shape {tuple(q.shape)}")
+        V.tensor("q", q, rank=(3, 4))
         b = self._resolve(seq_ids, q.shape[0])
         if len(b) != q.shape[0]:
             raise ValueError(f"q has batch {q.shape[0]} but {len(b)} sequence ids were given")
+        self._check_batch_live(b)
         if q.dim() == 4 and q.shape[1] == 1:
             res = self.attend(layer, b, q[:, 0], softmax_scale=softmax_scale, softcap=softcap,
                               num_splits=num_splits, return_lse=return_lse)
@@ -392,8 +420,7 @@ class ContiguousKVCache(KVCache):
                  backend: Optional[str] = None):
         super().__init__(num_layers, max_seqs, num_kv_heads, head_dim, dtype=dtype, device=device, k_scale=k_scale,
                          v_scale=v_scale, window_left=window_left, backend=backend)
-        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
-            raise ValueError(f"max_seq_len must be a positive int, got {max_seq_len!r}")
+        _int("max_seq_len", max_seq_len, 1)
         self.max_seq_len = max_seq_len
         # Page size of the paged view used for batches other than 0..B-1: the largest power of two
         # dividing max_seq_len, at most 256 (what the paged kernels take).
@@ -444,23 +471,37 @@ class PagedKVCache(KVCache):
     cache_seqlens     int32 [max_seqs] (device)
 
     The free list lives on the host. A page belongs to at most one live sequence; `free` returns
-    all of a sequence's pages. The device block table is written only when a sequence gains or
+    all of a sequence's pages.
+
+    max_seq_len (tokens) or max_pages_per_seq bounds one sequence and sizes the block table
+    (4 * max_seqs * max_pages_per_seq bytes on the device): pass the model's maximum context. Without
+    either, one sequence may take the whole pool, and the table is as wide as the pool (a 200k-page
+    pool with 256 sequence slots: 205 MB), which warns when it passes 64 MiB. The device block table is written only when a sequence gains or
     releases a page (once every page_size decode steps), as one host-to-device copy; lengths grow by
     a device-side add, so steady-state decode never synchronises.
     """
 
     def __init__(self, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, *,
                  max_seqs: int = 256, max_pages_per_seq: Optional[int] = None, dtype=torch.float16, device=None,
-                 k_scale=None, v_scale=None, window_left: int = -1, backend: Optional[str] = None):
+                 k_scale=None, v_scale=None, window_left: int = -1, backend: Optional[str] = None,
+                 max_seq_len: Optional[int] = None):
         super().__init__(num_layers, max_seqs, num_kv_heads, head_dim, dtype=dtype, device=device, k_scale=k_scale,
                          v_scale=v_scale, window_left=window_left, backend=backend)
         for name, value in (("num_pages", num_pages), ("page_size", page_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            _int(name, value, 1)
+        if max_seq_len is not None:
+            _int("max_seq_len", max_seq_len, 1)
+            if max_pages_per_seq is not None:
+                raise ValueError("pass max_seq_len (tokens) or max_pages_per_seq, not both")
+            max_pages_per_seq = -(-max_seq_len // page_size)
         if max_pages_per_seq is None:
             max_pages_per_seq = num_pages
-        if isinstance(max_pages_per_seq, bool) or not isinstance(max_pages_per_seq, int) or max_pages_per_seq < 1:
-            raise ValueError(f"max_pages_per_seq must be a positive int, got {max_pages_per_seq!r}")
+            table = 4 * max_seqs * num_pages
+            if table > 64 * 2 ** 20:
+                warnings.warn(f"PagedKVCache: the block table takes {table / 2 ** 20:.0f} MiB (max_seqs={max_seqs} x "
+                              f"{num_pages} pages, since one sequence may use the whole pool); pass max_seq_len=<the "
+                              "model's maximum context> to size it", stacklevel=2)
+        _int("max_pages_per_seq", max_pages_per_seq, 1)
         self.num_pages = num_pages
         self.page_size = page_size
         self.max_pages_per_seq = max_pages_per_seq
@@ -508,7 +549,7 @@ class PagedKVCache(KVCache):
         released = sum(r for _, r, _ in plan)
         wanted = sum(w for _, _, w in plan)
         if wanted > len(self._free) + released:
-            raise CacheFullError(f"the page pool is exhausted: {wanted} pages needed, {len(self._free)} free "
+            raise CacheFullError(f"the page pool is exhausted: {plural(wanted, 'page')} needed, {len(self._free)} free "
                                  f"(+{released} released by the window) of {self.num_pages}; free sequences "
                                  f"or build a larger cache")
         # Two passes: every release before any allocation, since the check above counted pages that a

@@ -16,7 +16,9 @@ COMMANDS = {
 
 
 def main(argv=None) -> int:
+    from . import __version__
     parser = argparse.ArgumentParser(prog="kvkernels", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"kvkernels {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)

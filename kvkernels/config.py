@@ -14,6 +14,10 @@ import os
 
 BACKENDS = ("cuda", "triton", "reference")
 
+# TRITON_INTERPRET as the user's environment had it, before kvkernels.triton sets it on a machine
+# without a GPU (this module is imported first). None: unset by the user.
+USER_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET")
+
 _overrides: dict[str, bool] = {}
 
 

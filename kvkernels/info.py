@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 
 import torch
 
@@ -69,10 +70,15 @@ def collect() -> dict:
                       "build": build_info(), "archs_in_binary": extension_archs()},
         # The same CUDA kernels built for the host against the sm_80 emulator (csrc/emu/).
         "emulator": {"built": emulator_reason() is None, "reason": emulator_reason()},
-        "env": {k: os.environ[k] for k in ("KVKERNELS_BACKEND", "KVKERNELS_CHECK", "KVKERNELS_BATCH_INVARIANT",
-                                           "TRITON_INTERPRET") if k in os.environ},
+        "env": {k: os.environ[k] for k in ("KVKERNELS_BACKEND", "KVKERNELS_CHECK", "KVKERNELS_BATCH_INVARIANT")
+                if k in os.environ},
         "modes": {"checked": config.checked_mode(), "batch_invariant": config.batch_invariant()},
     }
+    if config.USER_TRITON_INTERPRET is not None:
+        info["env"]["TRITON_INTERPRET"] = config.USER_TRITON_INTERPRET
+    info["triton_interpret"] = {"value": os.environ.get("TRITON_INTERPRET"),
+                                "set_by": "user" if config.USER_TRITON_INTERPRET is not None
+                                else ("kvkernels (no GPU)" if "TRITON_INTERPRET" in os.environ else None)}
     try:
         import triton
         info["triton"] = triton.__version__
@@ -97,7 +103,28 @@ def collect() -> dict:
             else:
                 usable, note = False, "built, but no CUDA device to launch on"
         info["backends"][name] = {"usable": usable, "note": note}
+    info["auto"], info["warnings"] = _auto_choice(info["backends"])
     return info
+
+
+def _auto_choice(backends: dict) -> tuple[str, list[str]]:
+    """-> (what backend=None picks, warnings about KVKERNELS_BACKEND)."""
+    from . import config
+    auto = "cuda > triton on CUDA tensors" if torch.cuda.is_available() else "reference on CPU tensors"
+    raw = os.environ.get("KVKERNELS_BACKEND", "")
+    try:
+        forced = config.backend_override()
+    except ValueError:
+        return auto, [f"KVKERNELS_BACKEND={raw!r} is not a backend (one of {', '.join(config.BACKENDS)} or auto): "
+                      "every op call will raise ValueError; unset it or pick one of those"]
+    if forced is None:
+        return auto, []
+    choice = f"{forced} (forced by KVKERNELS_BACKEND)"
+    if not backends.get(forced, {}).get("usable", False):
+        note = backends.get(forced, {}).get("note", "")
+        return choice, [f"KVKERNELS_BACKEND={forced} forces a backend that is unusable here ({note}): op calls "
+                        f"will raise ValueError; unset KVKERNELS_BACKEND to choose automatically"]
+    return choice, []
 
 
 def add_arguments(parser) -> None:
@@ -127,8 +154,12 @@ def run(args) -> int:
     print("backends:")
     for name, b in info["backends"].items():
         print(f"  {name:<10} {'usable' if b['usable'] else 'unusable':<9} {b['note']}")
-    auto = "cuda > triton on CUDA tensors" if torch.cuda.is_available() else "reference on CPU tensors"
-    print(f"auto choice: {os.environ.get('KVKERNELS_BACKEND') or auto}")
+    print(f"auto choice: {info['auto']}")
     if info["env"]:
-        print("environment: " + "  ".join(f"{k}={v}" for k, v in info["env"].items()))
+        print("environment (yours): " + "  ".join(f"{k}={v}" for k, v in info["env"].items()))
+    ti = info["triton_interpret"]
+    if ti["set_by"] and ti["set_by"] != "user":
+        print(f"TRITON_INTERPRET={ti['value']} set by kvkernels: no GPU, so Triton kernels run in its interpreter")
+    for w in info["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
     return 0

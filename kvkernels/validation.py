@@ -13,6 +13,8 @@ Two kinds of check:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import config
@@ -115,9 +117,20 @@ def fp8_scales(k_scale, v_scale, cache_dtype, hkv: int, device):
     for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
         if s is None:
             s = torch.ones((), dtype=torch.float32, device=device)
+        elif isinstance(s, (int, float)) and not isinstance(s, bool):
+            if not (math.isfinite(s) and s > 0):
+                raise ValueError(f"{name} must be finite and > 0, got {s}")
+            s = torch.full((), float(s), dtype=torch.float32, device=device)  # a fill: capturable in CUDA graphs
+        elif not isinstance(s, torch.Tensor):
+            raise TypeError(f"{name} must be a number or an fp32 tensor of shape [] or [{hkv}], "
+                            f"got {type(s).__name__}")
         tensor(name, s, rank=(0, 1), dtypes=(torch.float32,), device=device)
         if s.dim() == 1 and s.shape[0] not in (1, hkv):
             raise ValueError(f"{name} must have shape [] or [{hkv}] (per tensor or per KV head), got {list(s.shape)}")
+        if values_checkable(s):
+            vals = host_copies(s)[0]
+            if not bool(torch.isfinite(vals).all()) or bool((vals <= 0).any()):
+                raise ValueError(f"{name} must be finite and > 0, got {vals.tolist()}")
         out.append(s.reshape(-1).expand(hkv))
     return out[0], out[1]
 
@@ -155,6 +168,8 @@ def cache_index_values(k_cache: torch.Tensor, seqlens: torch.Tensor, bt: torch.T
     else:
         seqlen_values(seqlens, extra, bt.shape[1] * k_cache.shape[1], "(max_pages * page_size of the paged cache)")
         block_table_values(bt, seqlens, extra, k_cache.shape[1], k_cache.shape[0])
+        if extra:
+            distinct_append_slots(bt, seqlens, extra, k_cache.shape[1])
 
 
 def seqlen_values(seqlens: torch.Tensor, extra: int, capacity: int, what: str) -> None:
@@ -163,12 +178,14 @@ def seqlen_values(seqlens: torch.Tensor, extra: int, capacity: int, what: str) -
         return
     lo, hi = int(seqlens.min()), int(seqlens.max())
     if lo < 0:
-        raise ValueError(f"cache_seqlens must be >= 0, got {lo}")
+        raise ValueError(f"cache_seqlens must be >= 0, got {lo} (sequence {int(seqlens.argmin())})")
     if hi + extra > capacity:
+        b = int(seqlens.argmax())
         if extra:
-            raise ValueError(f"append of {extra} tokens would run past the cache's capacity: "
-                             f"cache_seqlens.max() = {hi}, capacity {capacity} {what}")
-        raise ValueError(f"cache_seqlens.max() = {hi} exceeds the cache's capacity {capacity} {what}")
+            raise ValueError(f"append of {extra} token{'s' if extra != 1 else ''} to sequence {b} would run past "
+                             f"the cache's capacity: cache_seqlens[{b}] + {extra} = {hi} + {extra} = {hi + extra} "
+                             f"> {capacity} {what}")
+        raise ValueError(f"cache_seqlens[{b}] = {hi} exceeds the cache's capacity {capacity} {what}")
 
 
 def block_table_values(bt: torch.Tensor, seqlens: torch.Tensor, extra: int, page_size: int,
@@ -184,6 +201,36 @@ def block_table_values(bt: torch.Tensor, seqlens: torch.Tensor, extra: int, page
         b, p = (int(i) for i in bad.nonzero()[0])
         raise ValueError(f"block_table[{b}, {p}] = {int(bt[b, p])} is not a page index in [0, {num_pages}) "
                          f"(needed by sequence {b} of length {int(seqlens[b]) + extra})")
+
+
+def distinct_append_slots(bt: torch.Tensor, seqlens: torch.Tensor, extra: int, page_size: int) -> None:
+    """No two sequences of a paged append write the same slot (a page shared between them):
+    the result would depend on which write lands last."""
+    if bt.shape[0] < 2:
+        return
+    pos = seqlens.to(torch.int64).unsqueeze(1) + torch.arange(extra, dtype=torch.int64)  # [B, extra]
+    pages = torch.gather(bt.to(torch.int64), 1, pos // page_size)
+    slots = (pages * page_size + pos % page_size).reshape(-1)
+    uniq, counts = torch.unique(slots, return_counts=True)
+    if bool((counts > 1).any()):
+        slot = int(uniq[counts > 1][0])
+        owners = sorted({int(i) for i in (slots == slot).nonzero().squeeze(1) // extra})
+        raise ValueError(f"sequences {owners} would write the same cache slot (page {slot // page_size}, row "
+                         f"{slot % page_size}): their block_table rows share a page; give each sequence its own "
+                         "pages for the positions it appends")
+
+
+def max_seqlen(name: str, value: int, cu: torch.Tensor) -> None:
+    """A given max_seqlen_q/k must be at least the longest sequence in cu (when values are readable):
+    kernels size their grid from it, so a smaller value would silently skip tokens."""
+    if cu.numel() < 2 or not values_checkable(cu):
+        return
+    vals = host_copies(cu)[0].to(torch.int64)
+    lengths = vals[1:] - vals[:-1]
+    longest = int(lengths.max())
+    if value < longest:
+        raise ValueError(f"{name} = {value} is smaller than sequence {int(lengths.argmax())}'s length {longest}; "
+                         f"pass {name} >= {longest} (or None to compute it)")
 
 
 def cu_seqlens(name: str, cu: torch.Tensor, total: int, device) -> None:

@@ -383,3 +383,59 @@ def test_cli_cache_attention_scenarios_on_cpu(tmp_path):
         assert (r["bytes"], r["flops"]) == ca.accounting(r["config"])
         assert r["max_abs_err"] is not None and r["max_abs_err"] < 1e-2   # every peer checked against the oracle
     assert "Cache attention" in out.with_suffix(".md").read_text()
+
+
+# ------------------------------------------------------------------------- readable tables and plots
+
+
+def _table_rows(md: str, op_title: str) -> list[list[str]]:
+    block = md.split(f"## {op_title}")[1].split("\n\n")[1]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in block.splitlines()[2:]]
+
+
+def test_one_unit_per_table_column():
+    """7014.7 us beside 30.48 ms in one column: each impl's column now takes the unit of its largest time."""
+    recs = [_rec("naive", ctx, us) for ctx, us in ((1024, 7014.7), (4096, 30480.0))]
+    recs += [_rec("kvkernels-cuda", ctx, us) for ctx, us in ((1024, 5.0), (4096, 12.5))]
+    md = results.to_markdown(_doc(recs))
+    rows = _table_rows(md, "Decode")
+    naive = [r[-1] for r in rows]
+    ours = [r[-2] for r in rows]
+    assert naive[0].startswith("7.01 ms") and naive[1].startswith("30.48 ms")
+    assert ours[0].startswith("5.0 us") and ours[1].startswith("12.5 us")
+    assert all(len({c.split(" · ")[1].split()[1] for c in col}) == 1 for col in (naive, ours))  # one rate unit
+
+
+def test_cpu_prefill_rates_are_not_printed_as_zero():
+    cfg = prefill.make_config(1, 32, 4, 2, 64, "fp16", causal=True)
+    rec = results.make_record("prefill", "naive", cfg, 900.0, *prefill.accounting(cfg), 10.0)
+    assert rec["tflops"] < 0.05
+    cell = _table_rows(results.to_markdown(_doc([rec], device="cpu")), "Prefill")[0][-1]
+    rate = cell.split(" · ")[1]
+    assert rate.endswith("GFLOP/s") and float(rate.split()[0]) > 0, cell
+
+
+def test_skip_reasons_are_kept_whole():
+    reason = ("sdpa-math does not accept a paged cache: the block table would have to be gathered first, " * 3).strip()
+    doc = dict(_doc([_rec("naive", 1024, 10.0)]), skipped=[{"op": "decode", "impl": "sdpa-math", "reason": reason}])
+    assert reason in results.to_markdown(doc)
+
+
+def test_plot_titles_hold_what_the_panel_fixes_and_no_panel_is_dropped(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    titles = []
+    import matplotlib.axes
+    real = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda ax, t, *a, **k: (titles.append(t), real(ax, t, *a, **k))[1])
+    recs = []
+    for b in (1, 64):   # append: batch on the x axis
+        cfg = append.make_config(b, 4096, 1, 32, 8, 128, "bf16")
+        recs.append(results.make_record("append", "naive", cfg, 8.0, *append.accounting(cfg), 3000.0))
+    for group in range(16):   # 16 decode panels: more than one PNG holds
+        for ctx in (1024, 4096):
+            recs.append(_rec("naive", ctx, 10.0 + group, batch=group + 1))
+    paths = results.plot_all(_doc(recs), tmp_path / "r")
+    assert "B=" not in next(t for t in titles if "new=" in t)          # the append panel: batch is its x axis
+    decode_titles = [t for t in titles if t.startswith("B=") and "ctx=" not in t]
+    assert sorted(int(t.split()[0][2:]) for t in decode_titles) == list(range(1, 17))   # every group drawn
+    assert {"decode", "decode-2"} <= set(paths) and os.path.exists(paths["decode-2"])

@@ -254,7 +254,7 @@ def test_free_returns_every_page():
     cache.free([ids[0], ids[3], ids[4]])
     assert cache.num_free_pages == 30 and cache.live_ids == []
     assert int(cache.cache_seqlens.abs().sum()) == 0
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError, match=f"sequence {ids[0]} is not allocated"):
         cache.free(ids[0])
 
 
@@ -297,7 +297,7 @@ def test_misuse_is_reported(kind):
     k = torch.randn(1, 3, HKV, D)
     with pytest.raises(ValueError, match="extend"):
         cache.append(0, [i], k, k)          # 3 new tokens, only 2 positions reserved
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError, match="sequence 5 is not allocated"):
         cache.extend([5], 1)                # never allocated
     with pytest.raises(ValueError, match="twice"):
         cache.extend([i, i], 1)
@@ -325,3 +325,95 @@ def test_triton_backend_through_the_cache():
         assert_parity(out, oracle(q, kh, vh), oracle(q, kh, vh, upcast=False))
 
     run_steps(cache, ids, [17, 1], gen, torch.float16, check)
+
+
+# ------------------------------------------------------------------------ errors users act on
+
+
+@pytest.mark.parametrize("kind", ["paged", "contiguous"])
+@pytest.mark.parametrize("freed", [False, True], ids=["never-allocated", "freed"])
+def test_every_step_names_a_sequence_that_is_not_allocated(kind, freed):
+    """attend used to return zeros and lse -inf for such an id, append to ask for extend, and
+    extend/free to raise KeyError with quoted text: now one ValueError naming the id and the fix."""
+    cache = make_cache(kind)
+    live = cache.allocate(3)
+    gone = cache.allocate(3) if freed else 4
+    if freed:
+        cache.free(gone)
+    k = torch.randn(2, 1, HKV, D)
+    q = torch.randn(2, HKV * 2, D)
+    calls = {
+        "attend": lambda: cache.attend(0, [live, gone], q),
+        "attend-many": lambda: cache.attend(0, [live, gone], q[:, None]),
+        "append": lambda: cache.append(0, [live, gone], k, k),
+        "extend": lambda: cache.extend([live, gone], 1),
+        "free": lambda: cache.free([live, gone]),
+        "seq_len": lambda: cache.seq_len(gone),
+    }
+    before = (cache.k_cache.clone(), cache.cache_seqlens.clone())
+    for name, call in calls.items():
+        with pytest.raises(ValueError) as e:
+            call()
+        msg = str(e.value)
+        assert f"sequence {gone} is not allocated" in msg and "allocate()" in msg, (name, msg)
+        assert not msg.startswith(("'", '"')), (name, msg)   # not a KeyError's quoted text
+    assert torch.equal(cache.k_cache, before[0]) and torch.equal(cache.cache_seqlens, before[1])
+    assert cache.live_ids == [live] and cache.seq_len(live) == 3
+
+
+@pytest.mark.parametrize("kind", ["paged", "contiguous"])
+@pytest.mark.parametrize("dtype", [torch.float8_e5m2, torch.int8, torch.bool])
+def test_storage_dtype_is_checked_at_construction(kind, dtype):
+    with pytest.raises(TypeError, match="dtype must be one of") as e:
+        make_cache(kind, dtype=dtype)
+    if dtype == torch.float8_e5m2:
+        assert "float8_e4m3fn" in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["paged", "contiguous"])
+def test_argument_types_and_values_raise_type_and_value_errors(kind):
+    with pytest.raises(TypeError, match="max_seqs must be an int"):
+        make_cache(kind, max_seqs=2.0)
+    with pytest.raises(ValueError, match="max_seqs must be >= 1"):
+        make_cache(kind, max_seqs=0)
+    with pytest.raises(TypeError, match="window_left"):
+        make_cache(kind, window_left=True)
+    with pytest.raises(ValueError, match="backend"):
+        make_cache(kind, backend="flash")
+    with pytest.raises(TypeError, match="k_scale must be a number"):
+        make_cache(kind, dtype=torch.float8_e4m3fn, k_scale="1")
+    cache = make_cache(kind)
+    with pytest.raises(TypeError, match="num_tokens must be an int"):
+        cache.allocate(2.5)
+    with pytest.raises(ValueError, match="num_tokens must be >= 0"):
+        cache.allocate(-1)
+    with pytest.raises(ValueError, match=r"layer 7 is out of range \[0, 2\)"):
+        cache.layer_cache(7)
+    with pytest.raises(TypeError, match="k must be a torch.Tensor"):
+        cache.append(0, None, [[1.0]], [[1.0]])
+
+
+def test_paged_block_table_is_sized_from_max_seq_len():
+    cache = PagedKVCache(LAYERS, 1000, 16, HKV, D, max_seqs=4, max_seq_len=100)
+    assert cache.max_pages_per_seq == 7 and tuple(cache.block_tables.shape) == (4, 7)
+    assert cache.max_seq_len == 112
+    with pytest.raises(CacheFullError, match="max_pages_per_seq=7"):
+        cache.allocate(113)
+    with pytest.raises(ValueError, match="not both"):
+        PagedKVCache(LAYERS, 1000, 16, HKV, D, max_seq_len=100, max_pages_per_seq=7)
+
+
+def test_paged_default_block_table_warns_when_it_is_large():
+    with pytest.warns(UserWarning, match="max_seq_len"):
+        PagedKVCache(1, 70_000, 1, 1, 8, max_seqs=256)   # 256 x 70k int32 = 68 MiB of block table
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PagedKVCache(1, 70_000, 1, 1, 8, max_seqs=256, max_seq_len=4096)
+
+
+def test_pool_exhausted_message_counts_pages_in_words():
+    cache = make_cache("paged", num_pages=2, page_size=4)
+    cache.allocate(8)
+    with pytest.raises(CacheFullError, match="1 page needed, 0 free"):
+        cache.allocate(1)

@@ -67,33 +67,60 @@ def test_weights_are_reproducible():
 
 
 @pytest.mark.parametrize("cache", ["paged", "contiguous"])
-def test_demo_command(capsys, cache):
+def test_demo_command(capsys, tmp_path, cache):
+    plot = tmp_path / "demo.png"
     rc = cli_main(["demo", "--batch", "2", "--prompt-len", "9", "--new-tokens", "6", "--layers", "2",
-                   "--cache", cache, "--page-size", "4"])
+                   "--cache", cache, "--page-size", "4", "--repeats", "2", "--plot", str(plot)])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "tokens identical: yes (all 2 x 6)" in out
+    assert "tokens identical with and without the cache: yes (all 2 x 6)" in out
     assert "decode=reference" in out and "prefill=reference" in out      # the one-line backend summary
-    assert "CPU reference timings" in out and "not kernel timings" in out
-    assert "quadratic" in out and "KV cache:" in out
-    # attention work at step t >= 1: with the cache 2 sequences x (9 + t) keys; without, 2 x (9+t)(10+t)/2
-    # pairs (the whole sequence again); step 0 reads the prompt either way
-    cache_row = next(line for line in out.splitlines() if line.strip().startswith("with cache") and "linear" in line)
-    full_row = next(line for line in out.splitlines() if line.strip().startswith("without cache") and "quadratic" in line)
-    assert cache_row.split()[2:6] == ["90", "20", "28", f"{90 + sum(2 * (9 + t) for t in range(1, 6))}"]
-    assert full_row.split()[2:6] == ["90", "110", "210", f"{sum((9 + t) * (10 + t) for t in range(6))}"]
+    assert "ops ran on: PyTorch reference (prefill, append, decode)" in out
+    assert "median of 2 runs" in out and "1 CPU thread" in out
+    assert "not kernel timings" in out and "KV cache memory" in out
+    assert "2 layers" in out and "prompt 9 tokens" in out
+    # attention work: step 1 feeds position 9, which sees 10 keys (x 2 sequences); without the cache
+    # the whole sequence again, 2 x 10 * 11 / 2 pairs; step 5: 2 x 14 and 2 x 14 * 15 / 2
+    rows = {line[:36].strip(): line[36:].split() for line in out.splitlines() if line.startswith("  ")}
+    assert rows["attention work, step 1"] == ["20", "110"]
+    assert rows["attention work, step 5"][:2] == ["28", "210"]
+    assert rows["attention work, all steps"][:2] == [f"{90 + sum(2 * (9 + t) for t in range(1, 6))}",
+                                                     f"{sum((9 + t) * (10 + t) for t in range(6)):,}"]
+    assert f"plot: {plot}" in out and plot.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_demo_rejects_bad_sizes(capsys):
-    assert cli_main(["demo", "--batch", "0"]) == 2
+def test_demo_timing_is_a_median_of_alternating_runs(model):
+    from kvkernels.demo import _medians, _timed_runs
+    prompt = torch.randint(0, TINY.vocab_size, (2, 5), generator=torch.Generator().manual_seed(5))
+    cache = model.new_cache(2, 5 + 4, page_size=4)
+    cached, full, t_cache, t_full = _timed_runs(model, prompt, 4, cache, 3)
+    assert torch.equal(cached, full) and torch.equal(cached, generate(model, prompt, 4))
+    assert len(t_cache) == len(t_full) == 3 and all(len(r) == 4 for r in t_cache + t_full)
+    assert _medians([[1, 9], [3, 2], [2, 4]]) == [2, 4]
+    assert cache.num_free_pages == cache.num_pages and cache.live_ids == []
 
 
-def test_demo_through_the_triton_kernels(capsys):
-    """The same run with the Triton kernels (interpreted on a CPU) behind every op."""
+def test_demo_plot_failure_is_reported(capsys, tmp_path):
+    rc = cli_main(["demo", "--batch", "1", "--prompt-len", "3", "--new-tokens", "2", "--layers", "1",
+                   "--repeats", "1", "--plot", str(tmp_path / "missing" / "demo.png")])
+    assert rc == 2 and "plot: cannot write" in capsys.readouterr().err
+
+
+def test_demo_cuda_backend_on_the_cpu_is_refused(capsys):
+    rc = cli_main(["demo", "--device", "cpu", "--backend", "cuda"])
+    assert rc == 2 and "--backend cuda needs --device cuda" in capsys.readouterr().err
+
+
+def test_demo_through_the_triton_kernels(capsys, tmp_path):
+    """The same run with the Triton kernels (interpreted on a CPU) behind every op; without --dtype
+    it picks fp16, a dtype every Triton kernel takes."""
     pytest.importorskip("kvkernels.triton.decode")
-    rc = cli_main(["demo", "--backend", "triton", "--dtype", "fp16", "--batch", "2", "--prompt-len", "20",
-                   "--new-tokens", "3", "--layers", "1"])
+    rc = cli_main(["demo", "--backend", "triton", "--batch", "2", "--prompt-len", "20",
+                   "--new-tokens", "3", "--layers", "1", "--repeats", "1", "--no-plot"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "prefill=triton, append=triton, decode=triton" in out
-    assert "tokens identical: yes" in out and "Triton interpreter" in out
+    assert "prefill=triton, append=triton, decode=triton" in out and "float16" in out
+    assert "tokens identical with and without the cache: yes" in out and "Triton interpreter" in out
+    if torch.cuda.is_available():
+        return
+    assert "kvkernels Triton kernels (interpreted on the CPU)" in out

@@ -146,8 +146,31 @@ def test_assisted_generation_crops_the_paged_cache_and_matches_eager(monkeypatch
     ids = PROMPT[:1]
     ref = greedy(model, ids, "eager", n=20)
     cache = kvk_hf.PagedCache(model.config, max_batch_size=1, max_cache_len=64, page_size=4)
-    out = greedy(model, ids, "kvkernels", n=20, past_key_values=cache, assistant_model=draft)
+    out = greedy(model, ids, "kvkernels", n=20, assistant_model=draft, **{_cache_kwarg(): cache})
     assert torch.equal(out, ref)
     assert calls["cache"] > 0
     pool = cache.pool
     assert len(pool.pages(pool.live_ids[0])) == -(-cache.get_seq_length() // 4)  # cropped pages went back
+
+
+def _cache_kwarg() -> str:
+    """generate's name for a cache object: `cache` from transformers 5.24, `past_key_values` before."""
+    from packaging.version import Version
+    return "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
+
+
+@pytest.mark.parametrize("kwarg", ["current", "past_key_values"])
+def test_paged_cache_through_either_generate_argument(kwarg):
+    """The docstring's current API, and the old name where transformers still takes it."""
+    import warnings
+    model = tiny_llama()
+    ref = greedy(model, PROMPT, "eager")
+    name = _cache_kwarg() if kwarg == "current" else kwarg
+    cache = kvk_hf.PagedCache(model.config, max_batch_size=2, max_cache_len=64, page_size=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = greedy(model, PROMPT, "kvkernels", **{name: cache})
+    assert torch.equal(out, ref)
+    if kwarg == "current":
+        assert not [w for w in caught if "deprecated" in str(w.message)], [str(w.message) for w in caught]
+    assert f"{_cache_kwarg()}=cache" in kvk_hf.__doc__

@@ -1,7 +1,7 @@
 """`kvkernels bench {decode,prefill,append,generate}`: sweeps against the copy/matmul ceilings and peers.
 
 Examples:
-    kvkernels bench decode --preset llama3-8b,llama3-70b --batch 1,16,64 --context 1k,4k,16k,64k \\
+    kvkernels bench decode --preset llama-3-8b,llama-3-70b --batch 1,16,64 --context 1k,4k,16k,64k \\
         --page-size 0,16 --fp8 both --cuda-graph --out bench/results/decode.json
     kvkernels bench prefill --seqlen 512,2k,8k --causal both --out prefill.json --merge
     kvkernels bench append --batch 1,64 --new-tokens 1,512 --out r.json --merge
@@ -22,18 +22,20 @@ import time
 
 import torch
 
+from ..cliargs import parse_size, parse_sizes, size, sizes  # noqa: F401  (parse_size: used by scripts)
+
 OPS = ("decode", "prefill", "append", "cache", "generate")
 
 # Defaults: full sweeps on a GPU, tiny ones on the CPU (seconds, Triton interpreted).
 DEFAULTS = {
     "gpu": {
-        "decode": {"preset": "llama3-8b", "batch": "1,16,64", "context": "512,2k,8k,32k", "page_size": "0,16",
+        "decode": {"preset": "llama-3-8b", "batch": "1,16,64", "context": "512,2k,8k,32k", "page_size": "0,16",
                    "fp8": "off", "dtype": "bf16"},
-        "prefill": {"preset": "llama3-8b", "batch": "1", "seqlen": "512,1k,2k,4k,8k,16k", "causal": "on",
+        "prefill": {"preset": "llama-3-8b", "batch": "1", "seqlen": "512,1k,2k,4k,8k,16k", "causal": "on",
                     "dtype": "bf16"},
-        "append": {"preset": "llama3-8b", "batch": "1,32,128", "context": "4k", "new_tokens": "1,512",
+        "append": {"preset": "llama-3-8b", "batch": "1,32,128", "context": "4k", "new_tokens": "1,512",
                    "page_size": "0,16", "fp8": "both", "dtype": "bf16"},
-        "cache": {"preset": "llama3-8b", "scenario": "speculative,chunked-prefill,mixed", "dtype": "bf16",
+        "cache": {"preset": "llama-3-8b", "scenario": "speculative,chunked-prefill,mixed", "dtype": "bf16",
                   "batch": "0"},
         "generate": {"tokens": "256,1024", "prompt": 16, "dtype": "bf16"},
     },
@@ -54,37 +56,54 @@ DEFAULTS = {
 # ------------------------------------------------------------------------------------- parsing
 
 
-def parse_size(text: str) -> int:
-    t = text.strip().lower()
-    mult = 1
-    if t.endswith("k"):
-        mult, t = 1024, t[:-1]
-    elif t.endswith("m"):
-        mult, t = 1024 * 1024, t[:-1]
-    value = int(float(t) * mult)
-    if value < 0:
-        raise ValueError(f"size must be >= 0, got {text!r}")
-    return value
-
-
-def parse_sizes(text: str) -> list[int]:
-    return [parse_size(x) for x in str(text).split(",") if x.strip()]
-
-
-def parse_list(text: str) -> list[str]:
+def parse_list(text) -> list[str]:
+    if isinstance(text, (list, tuple)):
+        return list(text)
     return [x.strip() for x in str(text).split(",") if x.strip()]
 
 
-def parse_heads(text: str) -> list[tuple[int, int]]:
-    """'32/8,8' -> [(32, 8), (8, 8)]."""
+def parse_heads(text) -> list[tuple[int, int]]:
+    """'32/8,8' -> [(32, 8), (8, 8)]; a parsed list passes through."""
+    if isinstance(text, list):
+        return text
     out = []
     for item in parse_list(text):
-        hq, _, hkv = item.partition("/")
-        hq, hkv = int(hq), int(hkv or hq)
-        if hq % hkv:
-            raise ValueError(f"heads {item!r}: Hq must be a multiple of Hkv")
+        hq_text, _, hkv_text = item.partition("/")
+        try:
+            hq, hkv = int(hq_text), int(hkv_text or hq_text)
+        except ValueError:
+            raise ValueError(f"{item!r} is not Hq/Hkv: expected e.g. 32/8, or 8 for 8/8") from None
+        if hq < 1 or hkv < 1 or hq % hkv:
+            raise ValueError(f"{item!r}: heads must be >= 1 and Hq a multiple of Hkv")
         out.append((hq, hkv))
+    if not out:
+        raise ValueError("expected at least one Hq/Hkv pair")
     return out
+
+
+def _heads_arg(text):
+    try:
+        return parse_heads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _number(minimum: float, strict: bool = False):
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (value > minimum if strict else value >= minimum) or value != value:
+            raise argparse.ArgumentTypeError(f"{text!r} must be {'>' if strict else '>='} {minimum:g}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def _preset_names() -> list[str]:
+    from .presets import PRESETS
+    return list(PRESETS)
 
 
 def _switch(value: str) -> list[bool]:
@@ -99,11 +118,11 @@ def _common(p: argparse.ArgumentParser, op: str) -> None:
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     if op != "generate":
         g.add_argument("--preset", default=None,
-                       help="model shapes, comma-separated: llama3-8b, llama3-70b, mistral-7b, gpt2 "
-                            "(sets Hq/Hkv/D; overrides --heads/--head-dim)")
-        g.add_argument("--heads", default=None, help="Hq/Hkv pairs, e.g. 32/8,8/8")
-        g.add_argument("--head-dim", default=None, help="head dims, e.g. 64,128")
-        g.add_argument("--batch", default=None, help="batch sizes, e.g. 1,16,64")
+                       help="model shapes, comma-separated, named as in `kvkernels memory`: "
+                            f"{', '.join(_preset_names())} (sets Hq/Hkv/D; overrides --heads/--head-dim)")
+        g.add_argument("--heads", type=_heads_arg, default=None, help="Hq/Hkv pairs, e.g. 32/8,8/8")
+        g.add_argument("--head-dim", type=sizes(1), default=None, help="head dims, e.g. 64,128")
+        g.add_argument("--batch", type=sizes(1), default=None, help="batch sizes, e.g. 1,16,64")
         g.add_argument("--dtype", default=None, help="bf16, fp16 (comma-separated)")
         g.add_argument("--impls", default=None, help="comma-separated subset of implementations "
                        "(kvkernels-cuda, kvkernels-triton, flashinfer, sdpa-flash, sdpa-cudnn, "
@@ -116,10 +135,10 @@ def _common(p: argparse.ArgumentParser, op: str) -> None:
         t.add_argument("--cuda-graph", action="store_true",
                        help="also time each impl replayed from a CUDA graph (no launch overhead); the "
                             "graph time becomes the headline median")
-        t.add_argument("--warmup-ms", type=float, default=None)
-        t.add_argument("--rep-ms", type=float, default=None, help="time spent measuring each impl")
-        t.add_argument("--max-sets", type=int, default=None, help="cap on rotated input sets")
-    p.add_argument("--budget-s", type=float, default=None,
+        t.add_argument("--warmup-ms", type=_number(0), default=None)
+        t.add_argument("--rep-ms", type=_number(0, strict=True), default=None, help="time spent measuring each impl")
+        t.add_argument("--max-sets", type=size(1), default=None, help="cap on rotated input sets")
+    p.add_argument("--budget-s", type=_number(0, strict=True), default=None,
                    help="stop starting new points after this many seconds (the points done are kept)")
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, help="write results JSON here (+ .md and PNGs beside it)")
@@ -143,32 +162,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         _common(p, op)
         s = p.add_argument_group(f"{op} sweep")
         if op in ("decode", "append"):
-            s.add_argument("--context", default=None, help="tokens already in each sequence's cache, e.g. 1k,4k")
-            s.add_argument("--page-size", default=None, help="page sizes; 0 = contiguous cache, e.g. 0,16")
+            s.add_argument("--context", type=sizes(1), default=None,
+                           help="tokens already in each sequence's cache, e.g. 1k,4k")
+            s.add_argument("--page-size", type=sizes(0), default=None, help="page sizes; 0 = contiguous cache, e.g. 0,16")
             s.add_argument("--fp8", choices=("off", "on", "both"), default=None, help="fp8 e4m3 KV cache")
         if op == "append":
-            s.add_argument("--new-tokens", default=None, help="tokens appended per sequence, e.g. 1,512")
+            s.add_argument("--new-tokens", type=sizes(1), default=None, help="tokens appended per sequence, e.g. 1,512")
         if op == "prefill":
-            s.add_argument("--seqlen", default=None, help="prompt lengths (Sq = Sk), e.g. 512,2k,8k")
+            s.add_argument("--seqlen", type=sizes(1), default=None, help="prompt lengths (Sq = Sk), e.g. 512,2k,8k")
             s.add_argument("--causal", choices=("off", "on", "both"), default=None)
         if op == "cache":
             s.add_argument("--scenario", default=None,
                            help="speculative (B=32, 4 queries, 8K), chunked-prefill (2048 queries over 32K), "
                                 "mixed (a 1024-query chunk over 4K beside 32 decodes over 8K); comma-separated")
-            s.add_argument("--scale", type=int, default=None,
+            s.add_argument("--scale", type=size(1), default=None,
                            help="divide every scenario's token counts by this (CPU runs use 64)")
         if op == "generate":
-            s.add_argument("--tokens", default=None, help="tokens to generate, e.g. 256,1024,4096")
-            s.add_argument("--prompt", type=int, default=None, help="prompt length")
-            s.add_argument("--batch", type=int, default=1)
-            s.add_argument("--dtype", default=None, help="bf16, fp16 or fp32")
-            s.add_argument("--layers", type=int, default=None)
-            s.add_argument("--heads", type=int, default=None)
-            s.add_argument("--head-dim", type=int, default=None)
-            s.add_argument("--vocab", type=int, default=None)
+            s.add_argument("--tokens", type=sizes(1), default=None, help="tokens to generate, e.g. 256,1024,4096")
+            s.add_argument("--prompt", type=size(1), default=None, help="prompt length")
+            s.add_argument("--batch", type=size(1), default=1)
+            s.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="bf16, fp16 or fp32")
+            s.add_argument("--layers", type=size(1), default=None)
+            s.add_argument("--heads", type=size(1), default=None)
+            s.add_argument("--head-dim", type=size(1), default=None)
+            s.add_argument("--vocab", type=size(1), default=None)
             s.add_argument("--backend", choices=("auto", "cuda", "triton", "reference"), default="auto")
             s.add_argument("--cache", choices=("paged", "contiguous"), default="paged")
-            s.add_argument("--page-size", type=int, default=16)
+            s.add_argument("--page-size", type=size(1), default=16)
 
 
 # ------------------------------------------------------------------------------------- configs
@@ -185,7 +205,7 @@ def _shapes(args, defaults) -> list[tuple[int, int, int, str | None]]:
     if preset:
         return [(m.hq, m.hkv, m.head_dim, m.name) for m in resolve(preset)]
     heads = parse_heads(_value(args, "heads", defaults) or "32/8")
-    dims = parse_sizes(_value(args, "head_dim", defaults) or "128")
+    dims = parse_sizes(_value(args, "head_dim", defaults) or "128", 1)
     return [(hq, hkv, d, None) for (hq, hkv) in heads for d in dims]
 
 
@@ -195,7 +215,7 @@ def build_configs(op: str, args, device) -> list[dict]:
     from . import append, decode, prefill
     d = DEFAULTS["gpu" if device.type == "cuda" else "cpu"][op]
     shapes = _shapes(args, d)
-    batches = parse_sizes(_value(args, "batch", d))
+    batches = parse_sizes(_value(args, "batch", d), 1)
     dtypes = parse_list(_value(args, "dtype", d))
     configs = []
     if op == "decode":

@@ -1,8 +1,14 @@
-"""Attention shapes of real models, for sweeps (`--preset llama3-8b,mistral-7b`)."""
+"""Attention shapes of real models, for sweeps (`--preset llama-3-8b,mistral-7b`).
+
+The names are those of `kvkernels memory` (kvkernels.memory.PRESETS), and the same spellings are
+accepted (llama3-8b for llama-3-8b, gpt2 for gpt2-small, 30b for opt-30b).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from .. import memory
 
 
 @dataclass(frozen=True)
@@ -18,21 +24,18 @@ class ModelShape:
         return f"{self.hq}/{self.hkv}"
 
 
-PRESETS = {
-    "llama3-8b": ModelShape("llama3-8b", hq=32, hkv=8, head_dim=128, layers=32),
-    "llama3-70b": ModelShape("llama3-70b", hq=64, hkv=8, head_dim=128, layers=80),
-    "mistral-7b": ModelShape("mistral-7b", hq=32, hkv=8, head_dim=128, layers=32),
-    "gpt2": ModelShape("gpt2", hq=12, hkv=12, head_dim=64, layers=12),
-}
+PRESETS = {name: ModelShape(name, hq=p.num_heads, hkv=p.num_kv_heads, head_dim=p.head_dim, layers=p.num_layers)
+           for name, p in memory.PRESETS.items()}
 
 
 def resolve(names: str | None) -> list[ModelShape]:
-    """'llama3-8b,gpt2' -> shapes; raises ValueError naming the unknown preset."""
+    """'llama-3-8b,gpt2' -> shapes; raises ValueError naming the unknown preset."""
     if not names:
         return []
     shapes = []
-    for name in (n.strip().lower() for n in names.split(",") if n.strip()):
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
-        shapes.append(PRESETS[name])
+    for name in (n.strip() for n in names.split(",") if n.strip()):
+        try:
+            shapes.append(PRESETS[memory.preset(name).name])
+        except ValueError:
+            raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None
     return shapes

@@ -236,12 +236,37 @@ def gpu_slug(name: str) -> str:
 _LEN_KEY = {"decode": "context", "append": "context", "prefill": "seqlen", "cache": "context"}
 
 
-def _fmt_bytes_rate(gbps: float) -> str:
-    return f"{gbps / 1000:.2f} TB/s" if gbps >= 1000 else f"{gbps:.1f} GB/s"
+def _fmt_bytes_rate(gbps: float, unit: str | None = None) -> str:
+    unit = unit or ("TB/s" if gbps >= 1000 else "GB/s")
+    return f"{gbps / 1000:.2f} TB/s" if unit == "TB/s" else f"{gbps:.1f} GB/s"
 
 
-def _fmt_us(us: float) -> str:
-    return f"{us / 1000:.2f} ms" if us >= 10000 else f"{us:.1f} us"
+def _fmt_us(us: float, unit: str | None = None) -> str:
+    unit = unit or _time_unit([us])
+    if unit == "s":
+        return f"{us / 1e6:.2f} s"
+    return f"{us / 1000:.2f} ms" if unit == "ms" else f"{us:.1f} us"
+
+
+def _fmt_flops(tflops: float, unit: str | None = None) -> str:
+    unit = unit or _flops_unit([tflops])
+    if unit == "GFLOP/s":
+        return f"{1000 * tflops:.3g} GFLOP/s"
+    return f"{tflops:.1f} TFLOP/s"
+
+
+# One unit per table column, chosen from its largest value, so a column reads top to bottom.
+def _time_unit(us_values) -> str:
+    top = max(us_values, default=0.0)
+    return "s" if top >= 1e7 else "ms" if top >= 1e4 else "us"
+
+
+def _rate_unit(gbps_values) -> str:
+    return "TB/s" if max(gbps_values, default=0.0) >= 1000 else "GB/s"
+
+
+def _flops_unit(tflops_values) -> str:
+    return "TFLOP/s" if max(tflops_values, default=0.0) >= 1 else "GFLOP/s"
 
 
 def _point_label(op: str, cfg: dict) -> list[str]:
@@ -268,13 +293,21 @@ def _headers(op: str) -> list[str]:
     return cols + ["Hq/Hkv", "D", "dtype", "mask" if op == "prefill" else "layout"]
 
 
-def _cell(op: str, rec: dict) -> str:
+def _cell(op: str, rec: dict, units: tuple[str, str]) -> str:
+    time_unit, rate_unit = units
     if op == "cache":  # memory- or compute-bound by the point: both rates
-        return (f"{_fmt_us(rec['median_us'])} · {_fmt_bytes_rate(rec['gbps'])} ({100 * rec['fraction']:.0f}%) · "
-                f"{rec['tflops']:.1f} TFLOP/s")
+        return (f"{_fmt_us(rec['median_us'], time_unit)} · {_fmt_bytes_rate(rec['gbps'], rate_unit)} "
+                f"({100 * rec['fraction']:.0f}%) · {_fmt_flops(rec['tflops'])}")
     if op == "prefill":
-        return f"{_fmt_us(rec['median_us'])} · {rec['tflops']:.1f} TFLOP/s"
-    return f"{_fmt_us(rec['median_us'])} · {_fmt_bytes_rate(rec['gbps'])} ({100 * rec['fraction']:.0f}%)"
+        return f"{_fmt_us(rec['median_us'], time_unit)} · {_fmt_flops(rec['tflops'], rate_unit)}"
+    return (f"{_fmt_us(rec['median_us'], time_unit)} · {_fmt_bytes_rate(rec['gbps'], rate_unit)} "
+            f"({100 * rec['fraction']:.0f}%)")
+
+
+def _column_units(op: str, recs: list[dict]) -> tuple[str, str]:
+    rates = [r["tflops"] for r in recs] if op == "prefill" else [r["gbps"] for r in recs]
+    return (_time_unit([r["median_us"] for r in recs]),
+            _flops_unit(rates) if op == "prefill" else _rate_unit(rates))
 
 
 def _impl_order(impls) -> list[str]:
@@ -294,9 +327,11 @@ def op_table(doc: dict, op: str, impls: list[str] | None = None) -> str:
         rows.setdefault(key, {})[r["impl"]] = r
         configs[key] = r["config"]
     head = _headers(op) + impls
+    units = {i: _column_units(op, [r for r in recs if r["impl"] == i]) for i in impls}
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, cells in rows.items():
-        cols = _point_label(op, configs[key]) + [(_cell(op, cells[i]) if i in cells else "—") for i in impls]
+        cols = _point_label(op, configs[key]) + [(_cell(op, cells[i], units[i]) if i in cells else "—")
+                                                 for i in impls]
         lines.append("| " + " | ".join(cols) + " |")
     return "\n".join(lines)
 
@@ -351,7 +386,8 @@ def to_markdown(doc: dict, *, images: dict[str, str] | None = None) -> str:
     if doc.get("skipped"):
         reasons: dict[tuple, int] = {}
         for s in doc["skipped"]:
-            reasons[(s["op"], s["impl"], s["reason"][:140])] = reasons.get((s["op"], s["impl"], s["reason"][:140]), 0) + 1
+            key = (s["op"], s["impl"], " ".join(str(s["reason"]).split()))  # whole reason, on one line
+            reasons[key] = reasons.get(key, 0) + 1
         out += ["<details><summary>Not measured (impl does not accept the case)</summary>", ""]
         out += [f"- {op} / {impl} ×{n}: {why}" for (op, impl, why), n in sorted(reasons.items())]
         out += ["", "</details>", ""]
@@ -425,15 +461,22 @@ def _groups(recs: list[dict], xkey: str) -> dict[str, list[dict]]:
     return groups
 
 
-def _group_title(op: str, cfg: dict) -> str:
-    parts = [f"B={cfg['batch']}", f"H={cfg['hq']}/{cfg['hkv']}", f"D={cfg['head_dim']}", cfg["dtype"]]
+def _group_title(op: str, cfg: dict, xkey: str | None = None) -> str:
+    """What a panel holds fixed: its group's config, without the key on its x axis."""
+    parts = []
+    if xkey != "batch" and "batch" in cfg:
+        parts.append(f"B={cfg['batch']}")
+    for key, label in (("context", "ctx"), ("seqlen", "S")):
+        if key in cfg and key != xkey:
+            parts.append(f"{label}={cfg[key]}")
+    parts += [f"H={cfg['hq']}/{cfg['hkv']}", f"D={cfg['head_dim']}", cfg["dtype"]]
     if cfg.get("kv_dtype") and cfg["kv_dtype"] != cfg["dtype"]:
         parts[-1] += f"/kv {cfg['kv_dtype']}"
     if op == "prefill":
         parts.append("causal" if cfg.get("causal") else "full")
     else:
         parts.append(f"paged/{cfg['page_size']}" if cfg.get("paged") else "contiguous")
-    if op == "append":
+    if op == "append" and xkey != "new_tokens":
         parts.append(f"new={cfg.get('new_tokens')}")
     return " ".join(parts)
 
@@ -448,36 +491,45 @@ def _panel_grid(n: int):
     return fig, list(axes.flat)
 
 
-MAX_PANELS = 9
+# Panels per PNG: a sweep with more groups continues in <stem>-<op>-2.png, -3.png, ... (none is dropped).
+MAX_PANELS = 12
 
 
-def _line_plot(doc, op, xkey, ykey, ylabel, ceiling, ceiling_label, path, title):
+def _line_plot(doc, op, xkey, ykey, ylabel, ceiling, ceiling_label, path, title) -> list[str]:
+    """One panel per group of records (same config but xkey); -> the PNG paths written."""
     import matplotlib.pyplot as plt
     recs = [r for r in doc["records"] if r["op"] == op]
     groups = list(_groups(recs, xkey).values())
     if not groups:
-        return None
-    groups = groups[:MAX_PANELS]
-    fig, axes = _panel_grid(len(groups))
-    for ax, grp in zip(axes, groups):
-        for impl in _impl_order({r["impl"] for r in grp}):
-            pts = sorted((r["config"][xkey], r[ykey]) for r in grp if r["impl"] == impl)
-            color, marker, ls = _STYLE.get(impl, ("k", ".", "-"))
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, marker=marker, linestyle=ls, label=impl)
-        if ceiling:
-            ax.axhline(ceiling, color="k", linestyle="--", linewidth=1, label=ceiling_label)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel(xkey)
-        ax.set_ylabel(ylabel)
-        ax.set_title(_group_title(op, grp[0]["config"]), fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.set_ylim(bottom=0)
-    axes[0].legend(fontsize=7, loc="best")
-    fig.suptitle(f"{title} — {doc['device']} ({doc['date']})" + ("  [CPU: not GPU figures]" if doc["device"] == "cpu" else ""))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+        return []
+    pages = [groups[i:i + MAX_PANELS] for i in range(0, len(groups), MAX_PANELS)]
+    written = []
+    for n, page in enumerate(pages, 1):
+        page_path = str(path) if n == 1 else str(path).replace(".png", f"-{n}.png")
+        fig, axes = _panel_grid(len(page))
+        for ax, grp in zip(axes, page):
+            for impl in _impl_order({r["impl"] for r in grp}):
+                pts = sorted((r["config"][xkey], r[ykey]) for r in grp if r["impl"] == impl)
+                color, marker, ls = _STYLE.get(impl, ("k", ".", "-"))
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, marker=marker, linestyle=ls,
+                        label=impl)
+            if ceiling:
+                ax.axhline(ceiling, color="k", linestyle="--", linewidth=1, label=ceiling_label)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel(xkey)
+            ax.set_ylabel(ylabel)
+            ax.set_title(_group_title(op, grp[0]["config"], xkey), fontsize=9)
+            ax.grid(True, alpha=0.3)
+            ax.set_ylim(bottom=0)
+        axes[0].legend(fontsize=7, loc="best")
+        part = f" ({n}/{len(pages)})" if len(pages) > 1 else ""
+        fig.suptitle(f"{title}{part} — {doc['device']} ({doc['date']})"
+                     + ("  [CPU: not GPU figures]" if doc["device"] == "cpu" else ""))
+        fig.tight_layout()
+        fig.savefig(page_path, dpi=110)
+        plt.close(fig)
+        written.append(page_path)
+    return written
 
 
 def plot_roofline(doc, path):
@@ -522,16 +574,21 @@ def plot_all(doc: dict, stem: str | os.PathLike) -> dict[str, str]:
     matplotlib.use("Agg")
     stem = str(stem)
     ceiling = doc["ceilings"]["copy_gbps"]
-    made = {
-        "decode": _line_plot(doc, "decode", "context", "gbps", "GB/s", ceiling, "copy ceiling",
-                             f"{stem}-decode.png", "Decode bandwidth vs context"),
-        "prefill": _line_plot(doc, "prefill", "seqlen", "tflops", "TFLOP/s", doc["ceilings"]["matmul_bf16_tflops"],
-                              "bf16 matmul ceiling", f"{stem}-prefill.png", "Prefill throughput vs sequence length"),
-        "append": _line_plot(doc, "append", "batch", "gbps", "GB/s", ceiling, "copy ceiling",
-                             f"{stem}-append.png", "Append bandwidth vs batch"),
-        "roofline": plot_roofline(doc, f"{stem}-roofline.png"),
-    }
-    return {k: v for k, v in made.items() if v}
+    made = {}
+    for name, pages in (
+        ("decode", _line_plot(doc, "decode", "context", "gbps", "GB/s", ceiling, "copy ceiling",
+                              f"{stem}-decode.png", "Decode bandwidth vs context")),
+        ("prefill", _line_plot(doc, "prefill", "seqlen", "tflops", "TFLOP/s", doc["ceilings"]["matmul_bf16_tflops"],
+                               "bf16 matmul ceiling", f"{stem}-prefill.png", "Prefill throughput vs sequence length")),
+        ("append", _line_plot(doc, "append", "batch", "gbps", "GB/s", ceiling, "copy ceiling",
+                              f"{stem}-append.png", "Append bandwidth vs batch")),
+    ):
+        for n, page in enumerate(pages, 1):
+            made[name if n == 1 else f"{name}-{n}"] = page
+    roof = plot_roofline(doc, f"{stem}-roofline.png")
+    if roof:
+        made["roofline"] = roof
+    return made
 
 
 def write_outputs(doc: dict, json_path, *, plots: bool = True) -> dict[str, str]:

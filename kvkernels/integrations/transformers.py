@@ -5,7 +5,10 @@
     model = AutoModelForCausalLM.from_pretrained(..., attn_implementation="kvkernels")
     out = model.generate(ids, max_new_tokens=64)        # the model's usual DynamicCache
     cache = kvk_hf.PagedCache(model.config, max_batch_size=8, max_cache_len=4096)
-    out = model.generate(ids, max_new_tokens=64, past_key_values=cache)   # a paged cache
+    out = model.generate(ids, max_new_tokens=64, cache=cache)             # a paged cache
+
+(`cache=` is generate's argument from transformers 5.24; older versions take past_key_values=cache,
+which 5.24 still accepts with a deprecation warning until 6.0. Both reach the same PagedCache.)
 
 Models whose attention goes through transformers' AttentionInterface (Llama, Mistral, Qwen2 and
 the rest of the Llama family) then run
