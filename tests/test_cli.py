@@ -171,8 +171,11 @@ def test_info_warns_about_a_backend_that_is_not_one():
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the cuda backend is usable on a GPU machine")
+@pytest.mark.skipif(HAS_CUDA, reason="the CUDA backend is usable on a GPU machine")
 def test_info_warns_when_the_forced_backend_is_unusable():
-    proc = run_cli("info", env={"KVKERNELS_BACKEND": "cuda"})
+    # Without a GPU the CUDA backend runs CPU tensors in the emulator: a library that does not load
+    # leaves it unusable.
+    proc = run_cli("info", env={"KVKERNELS_BACKEND": "cuda", "KVKERNELS_EMU_LIBRARY": "/nonexistent/emu.so"})
     assert proc.returncode == 0, proc.stderr
     assert "auto choice: cuda (forced by KVKERNELS_BACKEND)" in proc.stdout
     assert "warning: KVKERNELS_BACKEND=cuda forces a backend that is unusable here" in proc.stderr

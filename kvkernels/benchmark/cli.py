@@ -35,8 +35,7 @@ DEFAULTS = {
                     "dtype": "bf16"},
         "append": {"preset": "llama-3-8b", "batch": "1,32,128", "context": "4k", "new_tokens": "1,512",
                    "page_size": "0,16", "fp8": "both", "dtype": "bf16"},
-        "cache": {"preset": "llama-3-8b", "scenario": "speculative,chunked-prefill,mixed", "dtype": "bf16",
-                  "batch": "0"},
+        "cache": {"preset": "llama-3-8b", "scenario": "speculative,chunked-prefill,mixed", "dtype": "bf16"},
         "generate": {"tokens": "256,1024", "prompt": 16, "dtype": "bf16"},
     },
     "cpu": {
@@ -46,8 +45,7 @@ DEFAULTS = {
                     "dtype": "fp16"},
         "append": {"heads": "4/2", "head_dim": "64", "batch": "2", "context": "16", "new_tokens": "1,4",
                    "page_size": "0,16", "fp8": "off", "dtype": "fp16"},
-        "cache": {"heads": "4/2", "head_dim": "32", "scenario": "speculative,mixed", "dtype": "fp16", "scale": 64,
-                  "batch": "0"},
+        "cache": {"heads": "4/2", "head_dim": "32", "scenario": "speculative,mixed", "dtype": "fp16", "scale": 64},
         "generate": {"tokens": "8", "prompt": 4, "dtype": "fp32"},
     },
 }
@@ -215,7 +213,8 @@ def build_configs(op: str, args, device) -> list[dict]:
     from . import append, decode, prefill
     d = DEFAULTS["gpu" if device.type == "cuda" else "cpu"][op]
     shapes = _shapes(args, d)
-    batches = parse_sizes(_value(args, "batch", d), 1)
+    batch = _value(args, "batch", d)
+    batches = parse_sizes(batch, 1) if batch is not None else [None]  # cache: None = the scenario's own
     dtypes = parse_list(_value(args, "dtype", d))
     configs = []
     if op == "decode":
@@ -246,13 +245,16 @@ def build_configs(op: str, args, device) -> list[dict]:
         from . import cache_attention
         shrink = max(1, int(_value(args, "scale", d) or 1))
         wanted = parse_list(_value(args, "scenario", d))
+        known = {sc["scenario"] for sc in cache_attention.scenarios()}
+        if set(wanted) - known:
+            raise ValueError(f"--scenario: unknown {sorted(set(wanted) - known)}; choose from {sorted(known)}")
         for (hq, hkv, hd, preset) in shapes:
             for dt in dtypes:
                 for sc in cache_attention.scenarios(dt, hq, hkv, hd):
                     if sc["scenario"] not in wanted:
                         continue
                     sc = cache_attention.shrink(sc, shrink) | {"preset": preset}
-                    # --batch (0 = the scenario's own) sets the number of multi-query sequences.
+                    # --batch (default: the scenario's own) sets the number of multi-query sequences.
                     for b in batches:
                         configs.append(sc | {"batch": b} if b else sc)
     return configs
