@@ -7,13 +7,16 @@ touches."""
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import subprocess
 import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = os.path.join(tempfile.gettempdir(), f"kvkernels-emu-variants-{os.getuid()}")
+# One folder per checkout: two clones testing at once must not patch each other's copies.
+VARIANTS = os.path.join(tempfile.gettempdir(), f"kvkernels-emu-variants-{os.getuid()}-"
+                        f"{hashlib.sha1(ROOT.encode()).hexdigest()[:10]}")
 SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
 
 
