@@ -314,8 +314,8 @@ def unsupported(op: str, *, q=None, k_cache=None, paged=False, **kw) -> str | No
         return f"cache dtype {k_cache.dtype} must be q's dtype {q.dtype} or float8_e4m3fn"
     if paged and not 1 <= k_cache.shape[1] <= MAX_PAGE_SIZE:
         return f"page size {k_cache.shape[1]} is outside 1..{MAX_PAGE_SIZE}"
-    target = device_target(k_cache.device)
-    if k_cache.dtype in FP8_DTYPES and target is not None and not fp8_supported(target):
+    target = device_target(k_cache.device) if k_cache.dtype in FP8_DTYPES else None
+    if target is not None and not fp8_supported(target):
         return (f"float8_e4m3fn caches need compute capability >= 8.9 for Triton's e4m3 conversions "
                 f"(this GPU is sm_{target.arch}); backend='reference' or the CUDA kernels read them")
     return None

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, KernelConfig, Launch, Target, device_target
+from . import KernelConfig, Launch, Target, device_target
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
