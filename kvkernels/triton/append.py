@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import KernelConfig, Launch
+
 
 # Addressing modes (constexpr MODE)
 _CONTIGUOUS, _PAGED, _SLOTS = 0, 1, 2
@@ -168,15 +170,17 @@ def _raw(t: torch.Tensor) -> torch.Tensor:
     return t.view(_RAW[t.element_size()])
 
 
-def _launch(k, v, k_cache, v_cache, mode, seqlens, block_table, slots, k_scale, v_scale, cu_seqlens=None):
+def plan(k, v, k_cache, v_cache, mode, seqlens, block_table, slots, k_scale, v_scale,
+         cu_seqlens=None) -> Launch | None:
     """k/v [B, S_new, Hkv, D] (ragged: [T, 1, Hkv, D] with cu_seqlens [B + 1]; strided views fine);
-    see _append_kernel."""
+    see _append_kernel. None: nothing to write.
+    The plan does not depend on the GPU (no dot, no pipeline: shared memory is never used)."""
     B, s_new, hkv, d = k.shape
     num_seqs = 0 if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if B * s_new == 0 or hkv * d == 0 or k_cache.shape[0] * k_cache.shape[1] == 0:
-        return  # nothing to write (and no division by a page size of 0)
+        return None  # nothing to write (and no division by a page size of 0)
     if cu_seqlens is not None and num_seqs == 0:
-        return  # no sequence for a token to belong to
+        return None  # no sequence for a token to belong to
     # bf16 note (the interpreter keeps bf16 as raw uint16 and computes on it wrongly): no bf16
     # value goes through Triton arithmetic here, in the interpreter or compiled. A same-dtype
     # append moves raw integers, and an fp8 append widens bf16 bits to fp32 by a shift (_to_fp32),
@@ -194,7 +198,7 @@ def _launch(k, v, k_cache, v_cache, mode, seqlens, block_table, slots, k_scale, 
     block_d = triton.next_power_of_2(d)
     block_h = min(triton.next_power_of_2(hkv), max(1, _MAX_TILE // block_d))
     grid = (B * s_new, triton.cdiv(hkv, block_h))
-    _append_kernel[grid](
+    args = (
         k_in, v_in, kc, vc,
         seqlens if seqlens is not None else dummy,
         block_table if block_table is not None else dummy,
@@ -213,8 +217,21 @@ def _launch(k, v, k_cache, v_cache, mode, seqlens, block_table, slots, k_scale, 
         s_new, k_cache.shape[0], k_cache.shape[1],
         block_table.shape[1] if block_table is not None else 0, hkv, d,
         num_seqs, max(num_seqs - 1, 0).bit_length(),  # ceil(log2 B) binary-search steps
-        MODE=mode, SRC=src, RAGGED=cu_seqlens is not None, BLOCK_H=block_h, BLOCK_D=block_d,
     )
+    # Warps such that every thread holds at least one 16-byte vector of the source tile: with more
+    # threads than vectors a thread's share shrinks below 128 bits and the loads narrow with it
+    # (a [2, 128] fp16 tile over 4 warps is 2 elements a thread). Up to 4 warps.
+    vec = max(1, 16 // k_in.element_size())
+    num_warps = max(1, min(4, block_h * block_d // (32 * vec)))
+    return Launch(_append_kernel, lambda _: grid, args, dict(MODE=mode, SRC=src, RAGGED=cu_seqlens is not None,
+                                                          BLOCK_H=block_h, BLOCK_D=block_d),
+                  (KernelConfig((), num_warps=num_warps, num_stages=1),), name="append")
+
+
+def _launch(*args) -> None:
+    launch = plan(*args)
+    if launch is not None:
+        launch.run()
 
 
 def append(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, cu_seqlens=None) -> None:

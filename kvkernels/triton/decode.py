@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .. import decode_plan
-from . import INTERPRET
+from . import KernelConfig, Launch, Target, device_target
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -314,18 +314,25 @@ def unsupported(op: str, *, q=None, k_cache=None, paged=False, **kw) -> str | No
         return f"cache dtype {k_cache.dtype} must be q's dtype {q.dtype} or float8_e4m3fn"
     if paged and not 1 <= k_cache.shape[1] <= MAX_PAGE_SIZE:
         return f"page size {k_cache.shape[1]} is outside 1..{MAX_PAGE_SIZE}"
-    if k_cache.dtype in FP8_DTYPES and k_cache.device.type == "cuda":
-        if torch.cuda.get_device_capability(k_cache.device) < (8, 9):
-            return "float8_e4m3fn caches need a GPU of compute capability >= 8.9 for Triton's fp8 conversions"
+    target = device_target(k_cache.device) if k_cache.dtype in FP8_DTYPES else None
+    if target is not None and not fp8_supported(target):
+        return (f"float8_e4m3fn caches need compute capability >= 8.9 for Triton's e4m3 conversions "
+                f"(this GPU is sm_{target.arch}); backend='reference' or the CUDA kernels read them")
     return None
 
 
-def _interpreted_bf16(x: torch.Tensor | None) -> torch.Tensor | None:
+def fp8_supported(target: Target) -> bool:
+    """Triton converts e4m3 only from sm_89 on (there is no e4m3 type below it: compiling the fp8
+    kernel for sm_80 fails)."""
+    return target.capability >= (8, 9)
+
+
+def _interpreted_bf16(x: torch.Tensor | None, target: Target | None) -> torch.Tensor | None:
     # The Triton interpreter holds bf16 as raw uint16 (tl.dot multiplies bit patterns, fp32 -> bf16
     # casts truncate), so when interpreting, bf16 tensors reach the kernel as exact fp32 copies and
     # the fp32 result is rounded back to bf16 by torch (round to nearest even). On a GPU the kernel
     # gets bf16 directly and runs bf16 tensor-core dots.
-    if x is not None and INTERPRET and x.dtype == torch.bfloat16:
+    if x is not None and target is None and x.dtype == torch.bfloat16:
         return x.to(torch.float32)
     return x
 
@@ -333,28 +340,43 @@ def _interpreted_bf16(x: torch.Tensor | None) -> torch.Tensor | None:
 def decode(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_left, softcap,
            k_scale, v_scale, num_splits, batch_invariant):
     """Normalised entry point (see kvkernels.api): -> out [B, Hq, D] q.dtype, lse [B, Hq] fp32."""
+    target = device_target(q.device)
+    out, lse, launches = plan(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_left, softcap,
+                              k_scale, v_scale, num_splits, batch_invariant, target)
+    with torch.cuda.device(q.device) if target is not None else contextlib.nullcontext():
+        for launch in launches:
+            launch.run()
+    if out.dtype != q.dtype:
+        out = out.to(q.dtype)
+    return out, lse
+
+
+def plan(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_left, softcap,
+         k_scale, v_scale, num_splits, batch_invariant, target: Target | None):
+    """Allocate outputs and workspace and plan the launches (split kernel, then the merge when there
+    are several splits) for target (None: the interpreter). -> (out, lse, [Launch]); out is fp32
+    when bf16 is interpreted (the caller rounds it back)."""
     B, hq, d = q.shape
     hkv = k_cache.shape[2]
     group = hq // hkv
     paged = block_table is not None
     page_size = k_cache.shape[1] if paged else None
     capacity = block_table.shape[1] * page_size if paged else k_cache.shape[1]
-    out_dtype = q.dtype
     lse = torch.empty((B, hq), dtype=torch.float32, device=q.device)
     if B == 0 or hq == 0:
-        return torch.empty_like(q), lse
+        return torch.empty_like(q), lse, []
 
     fp8 = k_cache.dtype in FP8_DTYPES
-    qk = _interpreted_bf16(q)
-    kk, vk = _interpreted_bf16(k_cache), _interpreted_bf16(v_cache)
+    qk = _interpreted_bf16(q, target)
+    kk, vk = _interpreted_bf16(k_cache, target), _interpreted_bf16(v_cache, target)
     compute_dtype = qk.dtype
 
     cfg = choose_config(d, group, page_size)
     num_chunks = -(-group // cfg.g_block)
     num_sms = decode_plan.sm_count(q.device.index) if q.device.type == "cuda" else decode_plan.sm_count()
-    plan = decode_plan.plan_splits(B, hkv * num_chunks, capacity, num_splits=num_splits,
-                                   batch_invariant=batch_invariant, num_sms=num_sms, granule=cfg.block_n)
-    splits = plan.num_splits
+    plan_ = decode_plan.plan_splits(B, hkv * num_chunks, capacity, num_splits=num_splits,
+                                    batch_invariant=batch_invariant, num_sms=num_sms, granule=cfg.block_n)
+    splits = plan_.num_splits
 
     out = torch.empty((B, hq, d), dtype=compute_dtype, device=q.device)
     if splits == 1:
@@ -374,35 +396,35 @@ def decode(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, windo
         qk_scale, cap_log2 = softmax_scale * LOG2E, 0.0
     num_pages = k_cache.shape[0]
 
-    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
-        _decode_split_kernel[(B * hkv * num_chunks, splits)](
-            qk, kk, vk, cache_seqlens, block_table, k_scale, v_scale, part_out, part_lse,
-            qk.stride(0), qk.stride(1),
-            kk.stride(0), kk.stride(1), kk.stride(2),
-            vk.stride(0), vk.stride(1), vk.stride(2),
-            cache_seqlens.stride(0),
-            *(block_table.stride() if paged else (0, 0)),
-            k_scale.stride(0) if fp8 else 0, v_scale.stride(0) if fp8 else 0,
-            *o_strides, *l_strides,
-            hkv, num_chunks, capacity, num_pages, plan.split_tokens, window_left, qk_scale, cap_log2,
-            HEAD_DIM=d, D_PAD=cfg.d_pad, GROUP=group, G_BLOCK=cfg.g_block,
-            BLOCK_N=cfg.block_n, PAGE_SIZE=page_size or 1,
-            PAGED=paged, PAGE_ALIGNED=cfg.page_aligned,
-            FP8=fp8, HAS_SOFTCAP=softcap > 0, USE_DOT=cfg.use_dot,
-            DOT_PRECISION="ieee" if compute_dtype == torch.float32 else "tf32", FINAL=splits == 1,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-        if splits > 1:
-            _decode_merge_kernel[(B * hq,)](
-                part_out, part_lse, out, lse, hq, splits,
-                part_out.stride(1), part_out.stride(2),
-                part_lse.stride(1),
-                out.stride(0), out.stride(1),
-                lse.stride(0), lse.stride(1),
-                HEAD_DIM=d, D_PAD=_next_pow2(d), S_PAD=max(2, _next_pow2(splits)),
-                num_warps=1 if d <= 128 else 2,
-            )
-    if out.dtype != out_dtype:
-        out = out.to(out_dtype)
-    return out, lse
-
+    split_args = (
+        qk, kk, vk, cache_seqlens, block_table, k_scale, v_scale, part_out, part_lse,
+        qk.stride(0), qk.stride(1),
+        kk.stride(0), kk.stride(1), kk.stride(2),
+        vk.stride(0), vk.stride(1), vk.stride(2),
+        cache_seqlens.stride(0),
+        *(block_table.stride() if paged else (0, 0)),
+        k_scale.stride(0) if fp8 else 0, v_scale.stride(0) if fp8 else 0,
+        *o_strides, *l_strides,
+        hkv, num_chunks, capacity, num_pages, plan_.split_tokens, window_left, qk_scale, cap_log2,
+    )
+    split_meta = dict(
+        HEAD_DIM=d, D_PAD=cfg.d_pad, GROUP=group, G_BLOCK=cfg.g_block,
+        BLOCK_N=cfg.block_n, PAGE_SIZE=page_size or 1,
+        PAGED=paged, PAGE_ALIGNED=cfg.page_aligned,
+        FP8=fp8, HAS_SOFTCAP=softcap > 0, USE_DOT=cfg.use_dot,
+        DOT_PRECISION="ieee" if compute_dtype == torch.float32 else "tf32", FINAL=splits == 1,
+    )
+    launches = [Launch(_decode_split_kernel, lambda _: (B * hkv * num_chunks, splits), split_args, split_meta,
+                       (KernelConfig((), num_warps=cfg.num_warps, num_stages=cfg.num_stages),), name="decode_split")]
+    if splits > 1:
+        merge_args = (part_out, part_lse, out, lse, hq, splits,
+                      part_out.stride(1), part_out.stride(2),
+                      part_lse.stride(1),
+                      out.stride(0), out.stride(1),
+                      lse.stride(0), lse.stride(1))
+        merge_meta = dict(HEAD_DIM=d, D_PAD=_next_pow2(d), S_PAD=max(2, _next_pow2(splits)))
+        # One warp per row up to D = 128 (a [D] fp32 vector is 4 values per lane), two beyond.
+        launches.append(Launch(_decode_merge_kernel, lambda _: (B * hq,), merge_args, merge_meta,
+                               (KernelConfig((), num_warps=1 if d <= 128 else 2, num_stages=3),),
+                               name="decode_merge"))
+    return out, lse, launches

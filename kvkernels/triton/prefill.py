@@ -20,19 +20,23 @@ A program for query head h reads key/value head h // (Hq // Hkv); repeated K/V a
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
+from . import KernelConfig, Launch, Target, device_target
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# fp32 is left to the reference (auto choice falls back to it): fp32 tiles need twice the shared
+# memory of 16-bit ones (over the limit on sm_80 for D >= 64), and IEEE fp32 dots have no tensor-core
+# path, so ptxas compiled them to 32 registers with 40-320 KB of spills per thread; a tf32 dot would
+# break the fp32 parity contract.
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -231,34 +235,39 @@ def _prefill_kernel(
 
 # -------------------------------------------------------------------------------- configurations
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages), by head-dim bucket. Chosen from ptxas reports of this
-# kernel compiled for sm_80 and sm_90a (registers, local-memory spills, shared memory), keeping the
-# configs that neither spill more than a few words nor exceed shared memory (227 KB on sm_90, 163 KB on
-# sm_80; the consumer parts' 99 KB rules out the largest, which the autotuner then skips):
-#   - 128 query rows take 8 warps at D >= 128: with 4 warps the fp32 accumulator, the q fragment and
-#     the score tile do not fit in 255 registers (sm_80 128x64/4 warps spilled 30 KB).
+# Candidate configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) in order of preference, by GPU
+# family and head-dim bucket. A target gets the candidates whose shared memory (smem_bytes) fits its
+# per-block limit, so one list serves sm_80 (163 KB) and sm_86/sm_89 (99 KB: RTX 3090/4090, A10, A40,
+# L4, L40S) alike; tests/test_triton_aot.py compiles every candidate that survives for sm_80, sm_89 and
+# sm_90 and checks shared memory, spills and tensor-core use. From those ptxas reports:
+#   - 128 query rows take 8 warps at D >= 128, and D = 256 takes 8 warps even at 64 rows: the fp32
+#     accumulator, the q fragment and the score tile of 4 warps do not fit in 255 registers (spills
+#     of 100-700 bytes, more with softcap).
 #   - Hopper issues wgmma per warpgroup, so 8 warps = two warpgroups sharing a 128-row block.
 #   - D = 256 keeps key tiles narrow: every pipeline stage holds BLOCK_N x 256 of both K and V.
 #   - A 64-row config is in every list: short prompts need more programs than 128-row blocks give.
-_CONFIGS = {
-    "sm90": {
+_CANDIDATES = {
+    "wgmma": {  # sm_90: warpgroup MMA
         64: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
-        128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
-        256: [(64, 32, 4, 3), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
+        128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)],
+        256: [(64, 32, 8, 3), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 8, 2)],
     },
-    "sm80": {
+    "mma": {  # sm_80 .. sm_89: mma.sync
         64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
         128: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
-        256: [(64, 32, 8, 2), (64, 32, 4, 3), (64, 64, 8, 2), (128, 32, 8, 2)],
+        256: [(64, 32, 8, 2), (64, 64, 8, 2), (64, 16, 8, 3)],  # 128 x 32 spills 248 B on sm_80
     },
 }
 
 # Short prompts (<= AUTOTUNE_MIN_SEQLEN queries) run one fixed 64-row config: they are latency-bound,
 # the 64-row config is what wins there, and a tuning run per new key would cost more than it saves.
-# KVKERNELS_TRITON_AUTOTUNE=0 uses the first config of the list above for every size (test runs on a
-# GPU, where each new autotune key compiles every config).
+# The first candidate that fits the target is taken. KVKERNELS_TRITON_AUTOTUNE=0 uses the first
+# fitting autotune candidate for every longer prompt (test runs on a GPU, where each new autotune key
+# compiles every config).
 AUTOTUNE_MIN_SEQLEN = 512
-_SHORT_CONFIG = {64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 32, 4, 3)}
+_SHORT_CANDIDATES = {64: [(64, 64, 4, 3)], 128: [(64, 64, 4, 3), (64, 32, 4, 2)],
+                     256: [(64, 32, 8, 2), (64, 16, 8, 2)]}
+AUTOTUNE_KEY = ("seq_bucket_q", "seq_bucket_k", "banded", "HEAD_DIM", "SOFTCAP")
 
 
 def _autotune_enabled() -> bool:
@@ -283,17 +292,35 @@ def _seq_bucket(n: int) -> int:
     return 16384
 
 
-@functools.lru_cache(maxsize=None)
-def _tuned_kernel(arch: str, d_bucket: int):
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-               for bm, bn, w, s in _CONFIGS[arch][d_bucket]]
-    return triton.autotune(configs=configs, key=["seq_bucket_q", "seq_bucket_k", "banded", "HEAD_DIM", "SOFTCAP"])(
-        _prefill_kernel)
+def _family(target: Target) -> str:
+    return "wgmma" if target.capability[0] == 9 else "mma"
 
 
-def _arch(device: torch.device) -> str:
-    major, _ = torch.cuda.get_device_capability(device)
-    return "sm90" if major >= 9 else "sm80"
+def smem_bytes(target: Target, block_m: int, block_n: int, block_d: int, num_stages: int, elem: int = 2) -> int:
+    """Upper bound of the shared memory Triton gives this kernel (checked against the compiler by
+    tests/test_triton_aot.py): the K and V tiles of the software pipeline (num_stages - 1 buffers
+    with mma.sync, num_stages with Hopper's wgmma pipeline), the q tile, and the layout-conversion
+    scratch of the P tile."""
+    kv_tile = 2 * block_n * block_d * elem
+    buffers = num_stages if target.capability[0] >= 9 else max(1, num_stages - 1)
+    return buffers * kv_tile + block_m * block_d * elem + block_m * block_n * elem
+
+
+def _fitting(target: Target, block_d: int, candidates) -> list[KernelConfig]:
+    return [KernelConfig((("BLOCK_M", bm), ("BLOCK_N", bn)), num_warps=w, num_stages=s)
+            for bm, bn, w, s in candidates
+            if smem_bytes(target, bm, bn, block_d, s) <= target.max_shared_mem]
+
+
+def launch_configs(target: Target, block_d: int, seqlen_q: int) -> tuple[KernelConfig, ...]:
+    """The configurations a prompt of seqlen_q queries (the longest, when varlen) runs with on target:
+    one fixed config for short prompts (and with autotuning off), else the autotune list. Empty when
+    no candidate fits the target's shared memory (unsupported() then declines)."""
+    d_bucket = _d_bucket(block_d)
+    if seqlen_q <= AUTOTUNE_MIN_SEQLEN:
+        return tuple(_fitting(target, block_d, _SHORT_CANDIDATES[d_bucket])[:1])
+    tuned = _fitting(target, block_d, _CANDIDATES[_family(target)][d_bucket])
+    return tuple(tuned if _autotune_enabled() else tuned[:1])
 
 
 # ------------------------------------------------------------------------------------ entry points
@@ -303,11 +330,19 @@ def unsupported(op: str, *, q=None, k=None, v=None, **kw) -> str | None:
     if q is None:
         return None
     if q.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {q.dtype} (the Triton prefill kernel takes float16, bfloat16 and float32)"
+        name = str(q.dtype).replace("torch.", "")
+        return (f"the Triton prefill kernel computes in float16/bfloat16 tiles; {name} inputs go to the "
+                f"reference (backend='reference', which auto choice picks)")
     if q.shape[-1] > 256:
         return f"head dim {q.shape[-1]} > 256"
-    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 8:
-        return "compute capability < 8.0 (the Triton prefill kernel is tuned for sm_80 and newer)"
+    target = device_target(q.device)
+    if target is not None:
+        if target.capability[0] < 8:
+            return "compute capability < 8.0 (the Triton prefill kernel is tuned for sm_80 and newer)"
+        block_d = max(16, triton.next_power_of_2(q.shape[-1]))
+        if not (launch_configs(target, block_d, 1) and launch_configs(target, block_d, AUTOTUNE_MIN_SEQLEN + 1)):
+            return (f"no Triton prefill configuration for head dim {q.shape[-1]} fits this GPU's "
+                    f"{target.max_shared_mem} bytes of shared memory per block")
     return None
 
 
@@ -323,9 +358,25 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
 
     -> (out like q, lse fp32: dense [B, Hq, Sq], varlen [Hq, Tq]).
     """
-    varlen = q.dim() == 3
     out_dtype = q.dtype
-    if INTERPRET and q.dtype == torch.bfloat16:
+    target = device_target(q.device)
+    out, lse, launch = plan(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                            window_left, window_right, softcap, target)
+    if launch is not None:
+        with torch.cuda.device(q.device) if target is not None else contextlib.nullcontext():
+            launch.run()
+    return out.to(out_dtype), lse
+
+
+def plan(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+         window_right, softcap, target: Target | None):
+    """Allocate the outputs and plan the kernel launch for target (None: the interpreter).
+
+    -> (out, lse, Launch or None when there is nothing to compute). out is fp32 when bf16 is
+    interpreted (the caller rounds it back to q's dtype).
+    """
+    varlen = q.dim() == 3
+    if target is None and q.dtype == torch.bfloat16:
         # The Triton interpreter holds bfloat16 as raw uint16 (tl.dot multiplies bit patterns, casts
         # truncate; DESIGN.md sec. 5). Interpreting only, the kernel gets exact fp32 copies of the
         # bf16 inputs with IEEE fp32 dots, and its fp32 result is rounded back to bf16 by torch
@@ -363,7 +414,7 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     if out.numel() == 0 or batch == 0 or grid_sq == 0:
         out.zero_()
         lse.fill_(float("-inf"))
-        return out.to(out_dtype), lse
+        return out, lse, None
 
     left = _window_bound(window_left, grid_sk)
     right = _window_bound(window_right, grid_sq)
@@ -380,19 +431,11 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
                 POSITIVE_SCALE=softmax_scale > 0, LONGEST_FIRST=window_right >= 0,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
-    if INTERPRET:
-        bm = _INTERPRET_CONFIG["BLOCK_M"]
-        _prefill_kernel[(triton.cdiv(grid_sq, bm), hq, batch)](*args, **meta, **_INTERPRET_CONFIG)
-        return out.to(out_dtype), lse
-
-    arch, d_bucket = _arch(q.device), _d_bucket(block_d)
-    with torch.cuda.device(q.device):
-        if grid_sq > AUTOTUNE_MIN_SEQLEN and _autotune_enabled():
-            grid = lambda meta_: (triton.cdiv(grid_sq, meta_["BLOCK_M"]), hq, batch)  # noqa: E731
-            _tuned_kernel(arch, d_bucket)[grid](*args, **meta)
-        else:
-            bm, bn, warps, stages = (_SHORT_CONFIG[d_bucket] if grid_sq <= AUTOTUNE_MIN_SEQLEN
-                                     else _CONFIGS[arch][d_bucket][0])
-            _prefill_kernel[(triton.cdiv(grid_sq, bm), hq, batch)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn,
-                                                                   num_warps=warps, num_stages=stages)
-    return out.to(out_dtype), lse
+    if target is None:
+        configs = (KernelConfig(tuple(_INTERPRET_CONFIG.items())),)
+    else:
+        configs = launch_configs(target, block_d, grid_sq)
+        if not configs:  # unsupported() declines these before any launch
+            raise RuntimeError(f"no Triton prefill configuration fits {target}")
+    grid = lambda meta_: (triton.cdiv(grid_sq, meta_["BLOCK_M"]), hq, batch)  # noqa: E731
+    return out, lse, Launch(_prefill_kernel, grid, args, meta, configs, AUTOTUNE_KEY, name="prefill")
