@@ -144,6 +144,32 @@ def _append(d, hkv, *, mode="contiguous", src=torch.float16, fp8=False):
     return plan
 
 
+def _cache(d, hq, hkv, queries, *, page_size=16, fp8=False, splits=1, causal=True, ragged=False,
+           dtype=torch.float16):
+    def plan(target):
+        from kvkernels.triton import cache_attn
+        b, s_max = 2, 1024
+        cache_dtype = torch.float8_e4m3fn if fp8 else dtype
+        if page_size is None:
+            kc = torch.empty(b, s_max, hkv, d, dtype=cache_dtype)
+            table = None
+        else:
+            kc = torch.empty(b * s_max // page_size, page_size, hkv, d, dtype=cache_dtype)
+            table = torch.zeros(b, s_max // page_size, dtype=torch.int32)
+        scale = torch.ones(hkv) if fp8 else None
+        seqlens = torch.full((b,), s_max, dtype=torch.int32)
+        if ragged:
+            q = torch.empty(queries + 1, hq, d, dtype=dtype)   # one sequence of `queries`, one decode
+            cu = torch.tensor([0, queries, queries + 1], dtype=torch.int32)
+        else:
+            q, cu = torch.empty(b, queries, hq, d, dtype=dtype), None
+        _, _, launches, _ = cache_attn.plan(q, kc, torch.empty_like(kc), seqlens, cu, queries, table, causal,
+                                            d ** -0.5, -1, 0.0, scale, scale, splits, False, target)
+        assert len(launches) == (2 if splits > 1 else 1)
+        return launches
+    return plan
+
+
 def _fp8_ok(target):
     from kvkernels.triton import decode
     return decode.fp8_supported(target)
@@ -175,6 +201,16 @@ VARIANTS = (
                                                             dtype=torch.bfloat16), dot=True, wide_loads=True),
     Variant("decode-d128-gqa-paged64-fp8-splits", _decode(128, 8, 2, page_size=64, fp8=True, splits=3), dot=True,
             wide_loads=True, supported=_fp8_ok),
+    Variant("cache-d128-gqa4-speculative4-paged16", _cache(128, 8, 2, 4), dot=True, wide_loads=True),
+    Variant("cache-d128-gqa4-chunk512-ragged-paged16", _cache(128, 8, 2, 512, ragged=True), dot=True,
+            wide_loads=True),
+    Variant("cache-d256-gqa2-chunk256-contiguous-bf16", _cache(256, 4, 2, 256, page_size=None,
+                                                              dtype=torch.bfloat16), dot=True, wide_loads=True),
+    Variant("cache-d64-mha-chunk128-full-paged64", _cache(64, 4, 4, 128, page_size=64, causal=False), dot=True,
+            wide_loads=True),
+    Variant("cache-d128-gqa8-speculative2-paged64-fp8-splits", _cache(128, 16, 2, 2, page_size=64, fp8=True,
+                                                                      splits=3), dot=True, wide_loads=True,
+            supported=_fp8_ok),
     Variant("append-d128-contiguous", _append(128, 2), dot=False, wide_loads=True),
     Variant("append-d64-paged-fp8-from-bf16", _append(64, 4, mode="paged", src=torch.bfloat16, fp8=True),
             dot=False, wide_loads=True),

@@ -28,8 +28,9 @@ import triton
 import triton.language as tl
 
 from .. import decode_plan
+from . import KernelConfig, Launch, Target, device_target
 from .decode import (FP8_DTYPES, LN2_C, LOG2E, MAX_HEAD_DIM, MAX_PAGE_SIZE, NEG_2LOG2E_C, SUPPORTED_DTYPES,
-                     _decode_merge_kernel, _interpreted_bf16, _next_pow2)
+                     _decode_merge_kernel, _interpreted_bf16, _next_pow2, fp8_supported)
 
 
 # ------------------------------------------------------------------------------------- kernel
@@ -238,16 +239,19 @@ def choose_config(head_dim: int, rows_per_sequence: int, page_size: int | None) 
       8 warps (64 per thread), and K/V reuse across rows makes the kernel compute-bound.
     - KV tile: 64 rows for D <= 128, 32 for D = 256 (16 KB per tensor per stage, as in decode). Paged
       caches whose page size is a multiple of the tile use one page-table read per tile; smaller or
-      odd pages gather the page of each row (the row is still D contiguous elements).
+      odd pages gather the page of each row (the row is still D contiguous elements), and with
+      128 x 128 row tiles they use 32-row KV tiles (64 gathered rows spill registers on sm_80).
     - Warps: 4 up to 8K accumulator values, else 8. Stages: 2 (3 for D <= 64, whose tiles are half
       as big).
     """
     d_pad = max(16, _next_pow2(head_dim))
-    block_n = 64 if d_pad <= 128 else 32
     if rows_per_sequence <= 64:
         block_m = max(16, _next_pow2(max(1, rows_per_sequence)))
     else:
         block_m = 128 if d_pad <= 128 else 64
+    block_n = 64 if d_pad <= 128 else 32
+    if block_m == 128 and d_pad == 128 and page_size is not None and page_size % block_n:
+        block_n = 32  # gathered rows carry a page index each: 64 of them spill at 128 x 128 (sm_80)
     aligned = page_size is not None and page_size % block_n == 0
     num_warps = 8 if block_m * d_pad > 8192 else 4
     num_stages = 3 if d_pad <= 64 else 2
@@ -271,15 +275,36 @@ def unsupported(op: str, *, q=None, k_cache=None, paged=False, **kw) -> str | No
         return f"cache dtype {k_cache.dtype} must be q's dtype {q.dtype} or float8_e4m3fn"
     if paged and not 1 <= k_cache.shape[1] <= MAX_PAGE_SIZE:
         return f"page size {k_cache.shape[1]} is outside 1..{MAX_PAGE_SIZE}"
-    if k_cache.dtype in FP8_DTYPES and k_cache.device.type == "cuda":
-        if torch.cuda.get_device_capability(k_cache.device) < (8, 9):
-            return "float8_e4m3fn caches need a GPU of compute capability >= 8.9 for Triton's fp8 conversions"
+    target = device_target(k_cache.device) if k_cache.dtype in FP8_DTYPES else None
+    if target is not None and not fp8_supported(target):
+        return (f"float8_e4m3fn caches need compute capability >= 8.9 for Triton's e4m3 conversions "
+                f"(this GPU is sm_{target.arch}); backend='reference' or the CUDA kernels read them")
     return None
 
 
 def cache_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q, block_table, causal,
                     softmax_scale, window_left, softcap, k_scale, v_scale, num_splits, batch_invariant):
     """Normalised entry point (see kvkernels.api) -> out like q (q.dtype), lse [B, Hq, Sq] or [Hq, Tq] fp32."""
+    target = device_target(q.device)
+    out, lse, launches, finish = plan(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q, block_table,
+                                      causal, softmax_scale, window_left, softcap, k_scale, v_scale, num_splits,
+                                      batch_invariant, target)
+    with torch.cuda.device(q.device) if target is not None else contextlib.nullcontext():
+        for launch in launches:
+            launch.run()
+        if finish is not None:
+            finish()
+    if out.dtype != q.dtype:
+        out = out.to(q.dtype)
+    return out, lse
+
+
+def plan(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q, block_table, causal, softmax_scale,
+         window_left, softcap, k_scale, v_scale, num_splits, batch_invariant, target: Target | None):
+    """Allocate outputs and workspace and plan the launches (the tile kernel, then the merge when there
+    are several splits) for target (None: the interpreter). -> (out, lse, [Launch], finish): finish,
+    when not None, runs after the launches (it moves the merged lse into its public layout); out is
+    fp32 when bf16 is interpreted (the caller rounds it back)."""
     ragged = cu_seqlens_q is not None
     hq, d = q.shape[-2], q.shape[-1]
     B = cache_seqlens.shape[0]
@@ -288,7 +313,6 @@ def cache_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen
     paged = block_table is not None
     page_size = k_cache.shape[1] if paged else None
     capacity = block_table.shape[1] * page_size if paged else k_cache.shape[1]
-    out_dtype = q.dtype
     if ragged:
         tokens, sq = q.shape[0], max_seqlen_q
         lse = torch.empty((hq, tokens), dtype=torch.float32, device=q.device)
@@ -296,19 +320,19 @@ def cache_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen
         tokens, sq = B * q.shape[1], q.shape[1]
         lse = torch.empty((B, hq, sq), dtype=torch.float32, device=q.device)
     if B == 0 or tokens == 0 or hq == 0 or sq == 0:
-        return torch.zeros_like(q), lse.fill_(float("-inf"))
+        return torch.zeros_like(q), lse.fill_(float("-inf")), [], None
 
     fp8 = k_cache.dtype in FP8_DTYPES
-    qk = _interpreted_bf16(q)
-    kk, vk = _interpreted_bf16(k_cache), _interpreted_bf16(v_cache)
+    qk = _interpreted_bf16(q, target)
+    kk, vk = _interpreted_bf16(k_cache, target), _interpreted_bf16(v_cache, target)
     compute_dtype = qk.dtype
 
     cfg = choose_config(d, sq * group, page_size)
     row_tiles = -(-sq * group // cfg.block_m)
     num_sms = decode_plan.sm_count(q.device.index) if q.device.type == "cuda" else decode_plan.sm_count()
-    plan = decode_plan.plan_splits(B, hkv * row_tiles, capacity, num_splits=num_splits,
-                                   batch_invariant=batch_invariant, num_sms=num_sms, granule=cfg.block_n)
-    splits = plan.num_splits
+    split_plan = decode_plan.plan_splits(B, hkv * row_tiles, capacity, num_splits=num_splits,
+                                         batch_invariant=batch_invariant, num_sms=num_sms, granule=cfg.block_n)
+    splits = split_plan.num_splits
 
     out = torch.empty(q.shape, dtype=compute_dtype, device=q.device)
     # Token-indexed strides (b, t, h): dense tensors index tokens within a sequence and sequences by
@@ -339,41 +363,46 @@ def cache_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen
     else:
         qk_scale, cap_log2 = softmax_scale * LOG2E, 0.0
 
-    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
-        _cache_attention_kernel[(B * hkv * row_tiles, splits)](
-            qk, kk, vk, cache_seqlens, cu_seqlens_q, block_table, k_scale, v_scale, part_out, part_lse,
-            *q_strides,
-            kk.stride(0), kk.stride(1), kk.stride(2),
-            vk.stride(0), vk.stride(1), vk.stride(2),
-            *(block_table.stride() if paged else (0, 0)),
-            k_scale.stride(0) if fp8 else 0, v_scale.stride(0) if fp8 else 0,
-            *o_strides, *l_strides,
-            hkv, row_tiles, 0 if ragged else sq, capacity, k_cache.shape[0], plan.split_tokens, window_left,
-            qk_scale, cap_log2,
-            HEAD_DIM=d, D_PAD=cfg.d_pad, GROUP=group, BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n, PAGE_SIZE=page_size or 1,
-            PAGED=paged, PAGE_ALIGNED=cfg.page_aligned, RAGGED=ragged, CAUSAL=causal,
-            FP8=fp8, HAS_SOFTCAP=softcap > 0,
-            DOT_PRECISION="ieee" if compute_dtype == torch.float32 else "tf32", FINAL=splits == 1,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-        if splits > 1:
-            # Rows of the merge are (token, head) pairs: the decode merge kernel over [tokens, Hq] rows.
-            flat_out = out.view(tokens, hq, d)
-            token_lse = torch.empty((tokens, hq), dtype=torch.float32, device=q.device)
-            _decode_merge_kernel[(tokens * hq,)](
-                part_out, part_lse, flat_out, token_lse, hq, splits,
-                part_out.stride(1), part_out.stride(2),
-                part_lse.stride(1),
-                flat_out.stride(0), flat_out.stride(1),
-                token_lse.stride(0), token_lse.stride(1),
-                HEAD_DIM=d, D_PAD=_next_pow2(d), S_PAD=max(2, _next_pow2(splits)),
-                num_warps=1 if d <= 128 else 2,
-            )
-            if ragged:
-                lse.copy_(token_lse.t())
-            else:
-                lse.copy_(token_lse.view(B, sq, hq).transpose(1, 2))
-    if out.dtype != out_dtype:
-        out = out.to(out_dtype)
-    return out, lse
+    tile_args = (
+        qk, kk, vk, cache_seqlens, cu_seqlens_q, block_table, k_scale, v_scale, part_out, part_lse,
+        *q_strides,
+        kk.stride(0), kk.stride(1), kk.stride(2),
+        vk.stride(0), vk.stride(1), vk.stride(2),
+        *(block_table.stride() if paged else (0, 0)),
+        k_scale.stride(0) if fp8 else 0, v_scale.stride(0) if fp8 else 0,
+        *o_strides, *l_strides,
+        hkv, row_tiles, 0 if ragged else sq, capacity, k_cache.shape[0], split_plan.split_tokens, window_left,
+        qk_scale, cap_log2,
+    )
+    tile_meta = dict(
+        HEAD_DIM=d, D_PAD=cfg.d_pad, GROUP=group, BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, PAGE_SIZE=page_size or 1,
+        PAGED=paged, PAGE_ALIGNED=cfg.page_aligned, RAGGED=ragged, CAUSAL=causal,
+        FP8=fp8, HAS_SOFTCAP=softcap > 0,
+        DOT_PRECISION="ieee" if compute_dtype == torch.float32 else "tf32", FINAL=splits == 1,
+    )
+    launches = [Launch(_cache_attention_kernel, lambda _: (B * hkv * row_tiles, splits), tile_args, tile_meta,
+                       (KernelConfig((), num_warps=cfg.num_warps, num_stages=cfg.num_stages),),
+                       name="cache_attention")]
+    if splits == 1:
+        return out, lse, launches, None
+
+    # Rows of the merge are (token, head) pairs: the decode merge kernel over [tokens, Hq] rows.
+    flat_out = out.view(tokens, hq, d)
+    token_lse = torch.empty((tokens, hq), dtype=torch.float32, device=q.device)
+    merge_args = (part_out, part_lse, flat_out, token_lse, hq, splits,
+                  part_out.stride(1), part_out.stride(2),
+                  part_lse.stride(1),
+                  flat_out.stride(0), flat_out.stride(1),
+                  token_lse.stride(0), token_lse.stride(1))
+    merge_meta = dict(HEAD_DIM=d, D_PAD=_next_pow2(d), S_PAD=max(2, _next_pow2(splits)))
+    launches.append(Launch(_decode_merge_kernel, lambda _: (tokens * hq,), merge_args, merge_meta,
+                           (KernelConfig((), num_warps=1 if d <= 128 else 2, num_stages=3),),
+                           name="decode_merge"))
+
+    def finish():
+        if ragged:
+            lse.copy_(token_lse.t())
+        else:
+            lse.copy_(token_lse.view(B, sq, hq).transpose(1, 2))
+    return out, lse, launches, finish
