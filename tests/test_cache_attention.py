@@ -17,6 +17,7 @@ from conftest import (HAS_EMULATOR, assert_lse_close, assert_parity, build_paged
                       poison_contiguous, randn, run_or_skip, seeded)
 
 import kvkernels
+import kvkernels.cuda
 from kvkernels import reference
 
 FP8 = torch.float8_e4m3fn
@@ -549,3 +550,53 @@ def test_cuda_raw_op_rejects_bad_metadata():
         raw(q=flat[1:case.q.numel() + 1].view(case.q.shape))
     # a window needs only its span covered
     raw(window=3, split_tokens=64)
+
+
+# ------------------------------------------------------------------------- GPU (not run on CPU CI)
+
+needs_cuda_kernel = pytest.mark.skipif(not kvkernels.cuda.has_op("cache_attention"),
+                                       reason="the extension has no cache_attention kernel")
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_cuda_and_triton_agree_on_the_gpu(d):
+    case = make_case((40, 31, 70, 700, 64), (1, 0, 7, 300, 64), hq=8, hkv=2, d=d, page_size=16, device="cuda")
+    cuda_out, cuda_lse = check("cuda", case)
+    tri_out, tri_lse = check("triton", case)  # both within the parity contract of the oracle
+    torch.testing.assert_close(cuda_lse, tri_lse, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@pytest.mark.parametrize("num_splits", [0, 1, 3])
+def test_cuda_graph_replay_matches_eager_and_follows_new_lengths(num_splits):
+    case = make_case((900, 37, 64), (4, 4, 4), hq=8, hkv=2, d=128, page_size=16, device="cuda")
+    kw = dict(cu_seqlens_q=case.cu_q, max_seqlen_q=4, block_table=case.block_table, num_splits=num_splits,
+              return_lse=True, backend="cuda")
+
+    def call():
+        return kvkernels.cache_attention(case.q, case.k_cache, case.v_cache, case.seqlens, **kw)
+
+    eager_out, eager_lse = call()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_out, graph_lse = call()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(graph_out, eager_out) and torch.equal(graph_lse, eager_lse)
+    # shorter sequences, same graph: the kernel reads the lengths from device memory
+    new = lengths_tensor([500, 4, 0])
+    case.seqlens.copy_(new.cuda())
+    case.lens = new
+    graph.replay()
+    torch.cuda.synchronize()
+    ref, ref_lse, ref_lp = oracle(case)
+    assert_parity(graph_out.cpu(), ref, ref_lp)
+    assert_lse_close(graph_lse.cpu(), ref_lse)
