@@ -201,6 +201,22 @@ int main(int argc, char** argv) {
     }
     return 0;
   }
+  if (argc > 1 && !strcmp(argv[1], "rows")) {
+    // decode_rows_per_block and cache_attention_span, which kvkernels/cuda/cache_attn.py mirrors
+    const int dims[] = {64, 128, 256};
+    for (int d : dims) {
+      for (long long rows = 1; rows <= 300; rows += 7) printf("r %d %lld %d\n", d, rows, kvk::decode_rows_per_block(d, rows));
+      for (int causal = 0; causal < 2; ++causal)
+        for (int wl : {-1, 0, 5, 100})
+          for (int max_q : {1, 3, 40, 150})
+            for (int group : {1, 4, 24}) {
+              const int rpb = kvk::decode_rows_per_block(d, static_cast<long long>(max_q) * group);
+              printf("s %d %d %d %d %d %lld\n", d, causal, wl, max_q, group,
+                     kvk::cache_attention_span(1000, wl, causal != 0, max_q, group, rpb));
+            }
+    }
+    return 0;
+  }
   if (argc > 1 && !strcmp(argv[1], "div")) {
     const uint32_t extra[] = {300, 511, 1000, 1024, 4095, 65537, 100003, 1u << 20, (1u << 30) + 1, (1u << 31) - 1};
     for (uint32_t d = 1; d <= 256; ++d) if (check_div(d)) { printf("fail %u\n", d); return 0; }
@@ -252,6 +268,18 @@ def test_fp8_widening_matches_torch_for_every_code(host_program):
 
 def test_page_division_is_exact(host_program):
     assert host_program("div").strip() == "ok"
+
+
+def test_cache_attention_row_tiles_and_spans_match_the_launcher(host_program):
+    from kvkernels.cuda import cache_attn
+    for line in host_program("rows").splitlines():
+        kind, *vals = line.split()
+        if kind == "r":
+            d, rows, per_block = map(int, vals)
+            assert cache_attn.rows_per_block(rows, d) == per_block, line
+        else:
+            d, causal, wl, max_q, group, span = map(int, vals)
+            assert cache_attn.attended_span(1000, wl, bool(causal), max_q, group, d) == span, line
 
 
 def test_tile_and_head_block_sizes_match_the_launcher(host_program):

@@ -68,3 +68,32 @@ def test_sanitizer_catches_a_shared_memory_index_one_past_the_end():
     assert result.returncode != 0, output[-3000:]
     assert "AddressSanitizer: heap-buffer-overflow" in output, output[-3000:]
     assert "kvk_decode_kernel" in output, output[-3000:]  # the report's stack names the kernel
+
+
+# Cache attention (the decode template with kCacheAttn): mixed ragged batches, causal and windowed.
+CACHE_PARITY = ["tests/test_cache_attention.py", "-k",
+                "cuda-emu and (test_cuda_parity_ragged_mixed_batch and fp16 or test_cuda_parity_with_window)"]
+
+CACHE_MUTATIONS = {
+    # each row's own causal limit replaced by the sequence's end: queries see their future
+    "row_causal_limit_dropped": {DECODE: ("row_hi[k] = p.causal ? min(pq + 1, len) : len;", "row_hi[k] = len;")},
+    # each row's own window start dropped: only the row tile's first row is windowed
+    "row_window_start_dropped": {DECODE: ("if (kCacheAttn) seen = seen && token >= lim_lo[e >> 1];", "")},
+    # row tiles stop at their first row's limit instead of their last's
+    "row_tile_limit_of_first_row": {DECODE: ("const int last_p = pos0 + row_token(rows - 1);",
+                                             "const int last_p = pos0 + row_token(0);")},
+}
+
+
+@pytest.mark.parametrize("mutation", list(CACHE_MUTATIONS))
+def test_broken_cache_attention_kernel_fails_the_parity_tests(mutation):
+    library = emu_variant.build("mutant", _rel(CACHE_MUTATIONS[mutation]))
+    result = emu_variant.run_tests(library, CACHE_PARITY)
+    assert result.returncode != 0, f"{mutation}: the broken kernel passed\n{result.stdout[-3000:]}"
+    assert "FAILED" in result.stdout, result.stdout[-3000:]
+
+
+def test_sanitized_cache_attention_kernels_run_clean():
+    library = emu_variant.build("sanitized", sanitize=True)
+    result = emu_variant.run_tests(library, CACHE_PARITY, sanitize=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

@@ -1,5 +1,7 @@
 // Decode attention: one query token per sequence against its KV cache (contiguous or paged, fp16 /
-// bf16 / fp8-e4m3), split-KV with a deterministic merge. CUDA headers only.
+// bf16 / fp8-e4m3), split-KV with a deterministic merge; and cache attention, its generalisation to
+// several query tokens per sequence (chunked prefill, speculative verification), from the same kernel
+// template. CUDA headers only.
 //
 // What bounds decode is HBM: every K/V byte of the attended positions is read once, and the kernel
 // must keep enough bytes in flight to cover DRAM latency. Design:
@@ -32,6 +34,16 @@
 //   writes a normalised fp32 partial and its LSE; kvk_decode_merge_kernel combines them in split
 //   order. With one split the block writes out/lse directly; the two paths give identical bits for a
 //   sequence that falls in one split, which batch-invariant mode relies on.
+//
+// Cache attention (kCacheAttn = true): the MMA rows of a block are (query token, group head) pairs,
+// token-major (decode_params.h), so the queries of a sequence and the heads of a GQA group share every
+// K/V tile as decode's heads do (speculative decoding, 4 tokens x 8 heads, is one 32-row block that
+// reads each K/V byte once). Longer query runs are cut into row tiles (the head-chunk grid axis of
+// decode), and a row tile attends [window start of its first row, causal limit of its last row):
+// tiles above the causal diagonal are never loaded. Inside that range each row masks its own
+// [p - window_left, p]; a warp whose 16 rows see nothing of a 16-token sub-block skips it. With
+// kCacheAttn = false all of this compiles away and the kernel is decode's (one query per sequence:
+// its range is the block's range).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -182,9 +194,10 @@ __device__ __forceinline__ void widen_tile(const unsigned char* raw, unsigned ch
 // Normalises one 8-wide piece of an output row and writes it: the final out/lse (one split) or the
 // split's partial (several). Shared by the direct and the split path so that a sequence that falls in
 // one split gets the same bits either way.
+// tok: the row's token in q's token stride (decode 0); flat: its flat token index (decode_params.h).
 template <typename T>
-__device__ __forceinline__ void store_row_piece(const DecodeParams& p, int split, int b, int head, int col8,
-                                                float (&acc)[8], float M, float L, float v_scale) {
+__device__ __forceinline__ void store_row_piece(const DecodeParams& p, int split, int b, int tok, int flat, int head,
+                                                int col8, float (&acc)[8], float M, float L, float v_scale) {
   const float inv = L > 0.0f ? v_scale / L : 0.0f;
 #pragma unroll
   for (int i = 0; i < 8; ++i) acc[i] *= inv;
@@ -195,11 +208,11 @@ __device__ __forceinline__ void store_row_piece(const DecodeParams& p, int split
     v.y = pack2<T>(acc[2], acc[3]);
     v.z = pack2<T>(acc[4], acc[5]);
     v.w = pack2<T>(acc[6], acc[7]);
-    T* out = static_cast<T*>(p.out) + b * p.out_stride_b + head * p.out_stride_h + col8 * 8;
+    T* out = static_cast<T*>(p.out) + b * p.out_stride_b + tok * p.out_stride_t + head * p.out_stride_h + col8 * 8;
     *reinterpret_cast<uint4*>(out) = v;
-    if (col8 == 0) p.lse[b * p.lse_stride_b + head * p.lse_stride_h] = lse2 * kLn2;
+    if (col8 == 0) p.lse[b * p.lse_stride_b + tok * p.lse_stride_t + head * p.lse_stride_h] = lse2 * kLn2;
   } else {
-    const int64_t row = (static_cast<int64_t>(split) * p.batch + b) * p.num_heads + head;
+    const int64_t row = (static_cast<int64_t>(split) * p.num_tokens + flat) * p.num_heads + head;
     if (L > 0.0f) {  // the merge never reads an empty split's partial
       float4* dst = reinterpret_cast<float4*>(p.ws_out + row * p.head_dim + col8 * 8);
       dst[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
@@ -209,11 +222,12 @@ __device__ __forceinline__ void store_row_piece(const DecodeParams& p, int split
   }
 }
 
-// One block: (sequence b, KV head, split, chunk of query heads). Grid: 1-D, batch * Hkv * num_splits *
-// head_chunks blocks, kThreads threads, Traits::kSmemBytes dynamic shared memory.
+// One block: (sequence b, KV head, split, row tile: a chunk of query heads in decode, of (token, head)
+// rows in cache attention). Grid: 1-D, batch * Hkv * num_splits * head_chunks blocks, kThreads
+// threads, Traits::kSmemBytes dynamic shared memory.
 // Two blocks an SM is what the shared memory allows on H100; saying so lets ptxas use up to 255
 // registers (without the hint it aims at three blocks, 168 registers, and spills at D >= 128).
-template <typename T, typename CacheT, int D, bool kPaged>
+template <typename T, typename CacheT, int D, bool kPaged, bool kCacheAttn>
 __global__ void __launch_bounds__(kThreads, 2) kvk_decode_kernel(const __grid_constant__ DecodeParams p) {
   using Tr = Traits<T, CacheT, D>;
   constexpr int kT = Tr::kTokens;
@@ -234,10 +248,27 @@ __global__ void __launch_bounds__(kThreads, 2) kvk_decode_kernel(const __grid_co
   const int kvh = bid % p.num_kv_heads;
   const int b = bid / p.num_kv_heads;
 
-  // ---- the query heads of this block: rows [0, rows) are heads head0 + row
+  // ---- the rows of this block: rows [0, rows) are rows row0 + r of the sequence (decode: its heads)
   const int heads_per_block = 16 * p.m_tiles;
-  const int rows = min(heads_per_block, p.group - chunk * heads_per_block);
-  const int head0 = kvh * p.group + chunk * heads_per_block;
+  int n_q = 1;     // the sequence's query tokens
+  int tok0 = 0;    // its first token in q's token stride (ragged: global)
+  int flat0 = b;   // its first flat token index (decode_params.h)
+  if constexpr (kCacheAttn) {
+    if (p.cu_seqlens_q != nullptr) {  // clamped, so a bad cu_seqlens_q cannot address outside q
+      const int first = min(max(p.cu_seqlens_q[b], 0), p.num_tokens);
+      n_q = min(max(p.cu_seqlens_q[b + 1], first), p.num_tokens) - first;
+      tok0 = flat0 = first;
+    } else {
+      n_q = p.tokens_per_seq;
+      flat0 = b * p.tokens_per_seq;
+    }
+  }
+  const int row0 = chunk * heads_per_block;
+  const int rows = min(heads_per_block, n_q * p.group - row0);
+  if (kCacheAttn && rows <= 0) return;  // a row tile past this sequence's queries (uniform: the whole block)
+  // Token (within the sequence) and query head of row r of the block.
+  const auto row_token = [&](int r) { return kCacheAttn ? (row0 + r) / p.group : 0; };
+  const auto row_head = [&](int r) { return kvh * p.group + (kCacheAttn ? (row0 + r) % p.group : row0 + r); };
 
   // ---- warp roles: dim group (D = 256), query-head tile, token group
   const int dg = warp % Tr::kDimGroups;
@@ -254,9 +285,9 @@ __global__ void __launch_bounds__(kThreads, 2) kvk_decode_kernel(const __grid_co
   {
     const int r0 = mt * 16 + g;
     const int r1 = r0 + 8;
-    const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b;
-    const T* q0 = q + static_cast<int64_t>(head0 + r0) * p.q_stride_h + c2;
-    const T* q1 = q + static_cast<int64_t>(head0 + r1) * p.q_stride_h + c2;
+    const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + c2;
+    const T* q0 = q + (tok0 + row_token(r0)) * p.q_stride_t + static_cast<int64_t>(row_head(r0)) * p.q_stride_h;
+    const T* q1 = q + (tok0 + row_token(r1)) * p.q_stride_t + static_cast<int64_t>(row_head(r1)) * p.q_stride_h;
     const bool ok0 = r0 < rows;
     const bool ok1 = r1 < rows;
 #pragma unroll
@@ -268,12 +299,32 @@ __global__ void __launch_bounds__(kThreads, 2) kvk_decode_kernel(const __grid_co
     }
   }
 
-  // ---- the positions [lo, hi) this split attends
+  // ---- the positions [lo, hi) this split attends: of the block's range [start, end)
   const int len = min(max(p.seqlens[b * p.seqlens_stride], 0), p.capacity);
-  const int start = p.window_left >= 0 ? max(0, len - p.window_left - 1) : 0;
+  int start = p.window_left >= 0 ? max(0, len - p.window_left - 1) : 0;
+  int end = len;
+  // Cache attention: rows g, g + 8 of this warp see positions [row_lo[k], row_hi[k]) (row_hi 0: none).
+  int row_lo[2] = {0, 0}, row_hi[2] = {0, 0};
+  if constexpr (kCacheAttn) {
+    // Rows are token-major: the first row has the earliest window start, the last the latest limit.
+    const int pos0 = len - n_q;  // position of token 0 (negative when n_q > len: those queries see nothing)
+    const int first_p = pos0 + row_token(0);
+    const int last_p = pos0 + row_token(rows - 1);
+    start = p.window_left >= 0 ? max(0, first_p - p.window_left) : 0;
+    end = max(p.causal ? min(len, last_p + 1) : len, 0);
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const int r = mt * 16 + g + 8 * k;
+      if (r < rows) {
+        const int pq = pos0 + row_token(r);
+        row_hi[k] = p.causal ? min(pq + 1, len) : len;
+        row_lo[k] = p.window_left >= 0 ? max(pq - p.window_left, 0) : 0;
+      }
+    }
+  }
   const int64_t first = start + static_cast<int64_t>(split) * p.split_tokens;
-  const int lo = static_cast<int>(min(first, static_cast<int64_t>(len)));
-  const int hi = static_cast<int>(min(first + p.split_tokens, static_cast<int64_t>(len)));
+  const int lo = static_cast<int>(min(first, static_cast<int64_t>(end)));
+  const int hi = static_cast<int>(min(first + p.split_tokens, static_cast<int64_t>(end)));
   const int n = hi - lo;
   const int num_tiles = (n + kT - 1) / kT;
 
@@ -348,6 +399,21 @@ __global__ void __launch_bounds__(kThreads, 2) kvk_decode_kernel(const __grid_co
     for (int sb = tg; sb < kT / 16; sb += ntg) {
       const int valid = tile_valid - sb * 16;  // tokens of this sub-block inside the split
       if (valid <= 0) break;
+      // Tokens [lim_lo, lim_hi) of the sub-block seen by rows g (0) and g + 8 (1): decode sees all valid.
+      int lim_lo[2] = {0, 0}, lim_hi[2] = {valid, valid};
+      if constexpr (kCacheAttn) {
+        const int base = lo + tile * kT + sb * 16;  // position of token 0 of the sub-block
+        bool none = true;
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+          lim_lo[k] = row_lo[k] - base;
+          lim_hi[k] = min(valid, row_hi[k] - base);
+          none = none && min(lim_hi[k], 16) <= max(lim_lo[k], 0);
+        }
+        // None of the warp's rows sees this sub-block (above the causal diagonal, or before every
+        // row's window): skip its MMAs. Warp-uniform, as ldmatrix needs.
+        if (__all_sync(0xffffffffu, none)) continue;
+      }
 
       // S = Q K^T for 16 heads x 16 tokens: s[0] tokens 0-7, s[1] tokens 8-15
       float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
@@ -380,7 +446,9 @@ __global__ void __launch_bounds__(kThreads, 2) kvk_decode_kernel(const __grid_co
             x = softcap_log2 * (1.0f - __fdividef(2.0f, 1.0f + e2x));
           }
           const int token = 8 * j + c2 + (e & 1);
-          s[j][e] = (token < valid && ((row_ok >> token) & 1u)) ? x : neg_inf();
+          bool seen = token < lim_hi[e >> 1] && ((row_ok >> token) & 1u);
+          if (kCacheAttn) seen = seen && token >= lim_lo[e >> 1];
+          s[j][e] = seen ? x : neg_inf();
         }
       }
 
@@ -492,21 +560,23 @@ __global__ void __launch_bounds__(kThreads, 2) kvk_decode_kernel(const __grid_co
         acc[7] += w * c.w;
       }
     }
-    store_row_piece<T>(p, split, b, head0 + r, col8, acc, M, L, v_scale);
+    store_row_piece<T>(p, split, b, tok0 + row_token(r), flat0 + row_token(r), row_head(r), col8, acc, M, L, v_scale);
   }
 }
 
-// Combines the split partials of every (sequence, query head): one warp per row, splits in order.
-// Grid: ceil(B * Hq / kWarps) blocks of kThreads threads.
+// Combines the split partials of every (query token, query head): one warp per row, splits in order.
+// Grid: ceil(num_tokens * Hq / kWarps) blocks of kThreads threads (decode: num_tokens = B).
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) kvk_decode_merge_kernel(const __grid_constant__ DecodeParams p) {
   constexpr int kPerLane = D / 32;  // 2, 4 or 8 floats
   const int lane = threadIdx.x & 31;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);  // b * Hq + head
-  if (row >= static_cast<int64_t>(p.batch) * p.num_heads) return;
-  const int b = static_cast<int>(row / p.num_heads);
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);  // flat token * Hq + head
+  if (row >= static_cast<int64_t>(p.num_tokens) * p.num_heads) return;
+  const int flat = static_cast<int>(row / p.num_heads);
   const int head = static_cast<int>(row % p.num_heads);
-  const int64_t split_stride = static_cast<int64_t>(p.batch) * p.num_heads;
+  const int b = flat / p.tokens_per_seq;    // decode: flat itself
+  const int tok = flat % p.tokens_per_seq;  // decode: 0
+  const int64_t split_stride = static_cast<int64_t>(p.num_tokens) * p.num_heads;
 
   float M = neg_inf();
   for (int s = lane; s < p.num_splits; s += 32) M = fmaxf(M, p.ws_lse[s * split_stride + row]);
@@ -544,7 +614,7 @@ __global__ void __launch_bounds__(kThreads) kvk_decode_merge_kernel(const __grid
   uint32_t packed[kPerLane / 2];
 #pragma unroll
   for (int i = 0; i < kPerLane; i += 2) packed[i / 2] = pack2<T>(acc[i] * inv, acc[i + 1] * inv);
-  T* out = static_cast<T*>(p.out) + b * p.out_stride_b + head * p.out_stride_h + lane * kPerLane;
+  T* out = static_cast<T*>(p.out) + b * p.out_stride_b + tok * p.out_stride_t + head * p.out_stride_h + lane * kPerLane;
   if constexpr (kPerLane == 8) {
     *reinterpret_cast<uint4*>(out) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
   } else if constexpr (kPerLane == 4) {
@@ -552,7 +622,10 @@ __global__ void __launch_bounds__(kThreads) kvk_decode_merge_kernel(const __grid
   } else {
     *reinterpret_cast<uint32_t*>(out) = packed[0];
   }
-  if (lane == 0) p.lse[b * p.lse_stride_b + head * p.lse_stride_h] = L > 0.0f ? (M + log2f(L)) * kLn2 : neg_inf();
+  if (lane == 0) {
+    p.lse[b * p.lse_stride_b + tok * p.lse_stride_t + head * p.lse_stride_h] =
+        L > 0.0f ? (M + log2f(L)) * kLn2 : neg_inf();
+  }
 }
 
 }  // namespace decode

@@ -1,5 +1,13 @@
-// Arguments of one decode launch, shared by the host launcher (csrc/launch/decode*.cu), the torch
-// glue (csrc/ops/decode.cpp) and the kernels (csrc/kernels/decode.cuh). Plain C++: no CUDA, no torch.
+// Arguments of one decode or cache-attention launch, shared by the host launchers
+// (csrc/launch/decode*.cu, cache_attention*.cu), the torch glue (csrc/ops/decode.cpp,
+// cache_attention.cpp) and the kernels (csrc/kernels/decode.cuh). Plain C++: no CUDA, no torch.
+//
+// Cache attention is decode with several queries per sequence: sequence b has n_b query tokens,
+// the last n_b of its L_b = cache_seqlens[b] cached positions, so query i sits at p = L_b - n_b + i
+// and sees [0, p] (causal) or [0, L_b), from p - window_left on with a window. The kernel's MMA rows
+// are (query token, head of the GQA group) pairs, token-major: row R of a sequence is token R / group,
+// head kvh * group + R % group. Decode is the case n_b = 1 (rows = the group's heads), with
+// tokens_per_seq = 1 and the token strides 0, so one parameter block and one merge serve both.
 //
 // Decode: one query token per sequence attends to positions [start, len) of its cache, where
 //   len   = clamp(cache_seqlens[b], 0, capacity)
@@ -65,25 +73,30 @@ struct FastDivmod {
 };
 
 struct DecodeParams {
-  // ---- tensors
-  const void* q;             // [B, Hq, D] fp16/bf16; strides q_stride_b, q_stride_h
+  // ---- tensors (decode shapes first; cache attention in brackets)
+  const void* q;             // [B, Hq, D] fp16/bf16 (dense [B, Sq, Hq, D], ragged [Tq, Hq, D]);
+                             // strides q_stride_b (0 when ragged), q_stride_t (0 for decode), q_stride_h
   const void* k_cache;       // contiguous [B, S_max, Hkv, D] or paged [num_pages, page_size, Hkv, D];
                              // q's dtype or fp8 e4m3
   const void* v_cache;       // same shape and dtype as k_cache (its own strides)
   const int32_t* seqlens;    // [B] cache_seqlens, stride seqlens_stride
   const int32_t* block_table;  // [B, max_pages] (paged only, else nullptr)
+  const int32_t* cu_seqlens_q; // cache attention, ragged q only: [B + 1], sequence b's queries are
+                               // tokens [cu[b], cu[b+1]) of q (clamped to [0, num_tokens]); else nullptr
   const float* k_scale;      // [Hkv] fp32, stride k_scale_stride (0 = one scale per tensor); fp8 only
   const float* v_scale;      // [Hkv] fp32, stride v_scale_stride; fp8 only
-  void* out;                 // [B, Hq, D] q's dtype; strides out_stride_b, out_stride_h
-  float* lse;                // [B, Hq] fp32 natural log; strides lse_stride_b, lse_stride_h
-  float* ws_out;             // [num_splits, B, Hq, D] fp32 contiguous: per-split normalised outputs
-  float* ws_lse;             // [num_splits, B, Hq] fp32 contiguous: per-split LSE in log2 units
+  void* out;                 // like q, q's dtype; strides out_stride_b, out_stride_t, out_stride_h
+  float* lse;                // [B, Hq] ([B, Hq, Sq] | [Hq, Tq]) fp32 natural log; strides lse_stride_b,
+                             // lse_stride_t, lse_stride_h
+  float* ws_out;             // [num_splits, num_tokens, Hq, D] fp32 contiguous: per-split normalised outputs
+  float* ws_lse;             // [num_splits, num_tokens, Hq] fp32 contiguous: per-split LSE in log2 units
 
-  int64_t q_stride_b, q_stride_h;
+  // Token strides: decode 0. Ragged tensors index tokens globally (cu[b] + i) with batch strides 0.
+  int64_t q_stride_b, q_stride_t, q_stride_h;
   int64_t k_stride_page, k_stride_row, k_stride_head;  // page = batch for a contiguous cache
   int64_t v_stride_page, v_stride_row, v_stride_head;
-  int64_t out_stride_b, out_stride_h;
-  int64_t lse_stride_b, lse_stride_h;
+  int64_t out_stride_b, out_stride_t, out_stride_h;
+  int64_t lse_stride_b, lse_stride_t, lse_stride_h;
   int64_t seqlens_stride;
   int64_t bt_stride_b, bt_stride_page;
   int64_t k_scale_stride, v_scale_stride;
@@ -98,19 +111,27 @@ struct DecodeParams {
   int num_pages;    // paged: k_cache.shape[0]; contiguous: B
   int max_pages;    // paged: block_table.shape[1]; contiguous: 1
   int capacity;     // most positions a sequence can hold: max_pages * page_size (contiguous: S_max)
+  // Query tokens. Flat token index (rows of the split workspace and the merge): decode b, dense
+  // b * Sq + i, ragged cu[b] + i; the merge finds a token's (b, i) as (flat / tokens_per_seq,
+  // flat % tokens_per_seq), which with the ragged batch strides of 0 addresses it globally.
+  int num_tokens;      // decode B, dense B * Sq, ragged Tq
+  int tokens_per_seq;  // decode 1, dense Sq, ragged Tq
+  int max_seqlen_q;    // decode 1, dense Sq, ragged the largest n_b (sizes the grid: rows per sequence)
+  bool causal;         // cache attention: query i sees up to its own position p (decode: p = L - 1 anyway)
 
   // ---- attention
   float softmax_scale;
   float softcap;    // 0 = off; else scores = softcap * tanh(scores / softcap)
-  int window_left;  // -1 = unbounded; else the last window_left + 1 positions (clamped to capacity)
+  int window_left;  // -1 = unbounded; else positions >= p - window_left (decode: the last window_left + 1)
 
   // ---- split-KV plan (kvkernels/decode_plan.py)
   int num_splits;   // >= 1
-  int split_tokens; // tokens per split (a multiple of the kernel's KV tile)
+  int split_tokens; // tokens per split (a multiple of the kernel's KV tile); split s of a block covers
+                    // [start + s * split_tokens, ...) where start is the window start of the block's first row
 
   // ---- derived by the launcher (csrc/launch/decode.cu)
-  int m_tiles;      // 16-row MMA tiles of query heads per block: 1, 2 or 4
-  int head_chunks;  // blocks along the query heads of a group: ceil(group / (16 * m_tiles))
+  int m_tiles;      // 16-row MMA tiles of rows per block: 1, 2 or 4
+  int head_chunks;  // row tiles: blocks along a sequence's rows, ceil(max_seqlen_q * group / (16 * m_tiles))
   FastDivmod page_div;  // position -> (page slot, row): divides by page_size
 };
 

@@ -5,7 +5,7 @@ namespace kvk {
 
 cudaError_t launch_decode_hd64(const DecodeParams& params, DecodeDType q_dtype, DecodeDType cache_dtype, bool paged,
                                cudaStream_t stream) {
-  return decode::launch_head_dim<64>(params, q_dtype, cache_dtype, paged, stream);
+  return decode::launch_head_dim<64, false>(params, q_dtype, cache_dtype, paged, stream);
 }
 
 }  // namespace kvk

@@ -1,6 +1,7 @@
-// Launch templates of the decode kernels, included by one .cu file per head dim
-// (decode_hd64.cu, decode_hd128.cu, decode_hd256.cu) so the three compile in parallel. Each file
-// instantiates 8 decode kernels (q fp16/bf16 x cache same/fp8 x contiguous/paged) and 2 merges.
+// Launch templates of the decode kernels, included by one .cu file per head dim and op
+// (decode_hd64/128/256.cu: kCacheAttn = false; cache_attention_hd64/128/256.cu: true) so the six
+// compile in parallel. Each file instantiates 8 kernels (q fp16/bf16 x cache same/fp8 x
+// contiguous/paged) and 2 merges (the merge is shared: the same template in both ops' files).
 #pragma once
 
 #include <atomic>
@@ -27,38 +28,39 @@ cudaError_t allow_smem(Kernel kernel, int bytes, std::atomic<uint64_t>& done) {
   return err;
 }
 
-template <typename T, typename CacheT, int D, bool kPaged>
+template <typename T, typename CacheT, int D, bool kPaged, bool kCacheAttn>
 cudaError_t launch_typed(const DecodeParams& p, cudaStream_t stream) {
   using Tr = Traits<T, CacheT, D>;
   static std::atomic<uint64_t> smem_done{0};
-  auto kernel = kvk_decode_kernel<T, CacheT, D, kPaged>;
+  auto kernel = kvk_decode_kernel<T, CacheT, D, kPaged, kCacheAttn>;
   cudaError_t err = allow_smem(kernel, Tr::kSmemBytes, smem_done);
   if (err != cudaSuccess) return err;
   const int64_t blocks = static_cast<int64_t>(p.batch) * p.num_kv_heads * p.num_splits * p.head_chunks;
   KVK_LAUNCH(static_cast<unsigned>(blocks), kThreads, Tr::kSmemBytes, stream, kernel)(p);
   err = cudaGetLastError();
   if (err != cudaSuccess || p.num_splits == 1) return err;
-  const int64_t rows = static_cast<int64_t>(p.batch) * p.num_heads;
+  const int64_t rows = static_cast<int64_t>(p.num_tokens) * p.num_heads;
   KVK_LAUNCH(static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0, stream, kvk_decode_merge_kernel<T, D>)(p);
   return cudaGetLastError();
 }
 
-template <typename T, int D>
+template <typename T, int D, bool kCacheAttn>
 cudaError_t launch_cache(const DecodeParams& p, DecodeDType cache_dtype, bool paged, cudaStream_t stream) {
   if (cache_dtype == DecodeDType::kFloat8E4M3) {
-    return paged ? launch_typed<T, __nv_fp8_e4m3, D, true>(p, stream)
-                 : launch_typed<T, __nv_fp8_e4m3, D, false>(p, stream);
+    return paged ? launch_typed<T, __nv_fp8_e4m3, D, true, kCacheAttn>(p, stream)
+                 : launch_typed<T, __nv_fp8_e4m3, D, false, kCacheAttn>(p, stream);
   }
-  return paged ? launch_typed<T, T, D, true>(p, stream) : launch_typed<T, T, D, false>(p, stream);
+  return paged ? launch_typed<T, T, D, true, kCacheAttn>(p, stream)
+               : launch_typed<T, T, D, false, kCacheAttn>(p, stream);
 }
 
-template <int D>
+template <int D, bool kCacheAttn>
 cudaError_t launch_head_dim(const DecodeParams& p, DecodeDType q_dtype, DecodeDType cache_dtype, bool paged,
                             cudaStream_t stream) {
   if (cache_dtype != q_dtype && cache_dtype != DecodeDType::kFloat8E4M3) return cudaErrorInvalidValue;
   switch (q_dtype) {
-    case DecodeDType::kHalf: return launch_cache<__half, D>(p, cache_dtype, paged, stream);
-    case DecodeDType::kBFloat16: return launch_cache<__nv_bfloat16, D>(p, cache_dtype, paged, stream);
+    case DecodeDType::kHalf: return launch_cache<__half, D, kCacheAttn>(p, cache_dtype, paged, stream);
+    case DecodeDType::kBFloat16: return launch_cache<__nv_bfloat16, D, kCacheAttn>(p, cache_dtype, paged, stream);
     default: return cudaErrorInvalidValue;
   }
 }
