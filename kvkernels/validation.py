@@ -301,8 +301,9 @@ def append_index_values(k_cache: torch.Tensor, seqlens: torch.Tensor, bt: torch.
     over = (ends > capacity).nonzero()
     if over.numel():
         b = int(over[0])
-        raise ValueError(f"append of {int(counts[b])} tokens to sequence {b} would run past the cache's capacity: "
-                         f"cache_seqlens[{b}] = {int(starts[b])}, capacity {capacity} {what}")
+        n, start = int(counts[b]), int(starts[b])
+        raise ValueError(f"append of {n} token{'s' if n != 1 else ''} to sequence {b} would run past the cache's "
+                         f"capacity: cache_seqlens[{b}] + {n} = {start} + {n} = {start + n} > {capacity} {what}")
     if bt is None:
         return  # sequence b owns cache row b: no two sequences meet
     block_table_values(bt, ends, 0, page_size, k_cache.shape[0])
@@ -315,6 +316,7 @@ def append_index_values(k_cache: torch.Tensor, seqlens: torch.Tensor, bt: torch.
     if unique.numel() != slots.numel():
         shared = int(unique[(hits > 1).nonzero()[0]])
         who = sorted({int(b) for b in seq[slots == shared]})
-        raise ValueError(f"the append writes row {shared % page_size} of page {shared // page_size} twice, from "
-                         f"sequence(s) {who} (block_table maps two appended positions to one slot, e.g. a page "
-                         f"shared between sequences): the result would be undefined")
+        raise ValueError(f"sequence{'s' if len(who) > 1 else ''} {who} would write the same cache slot (page "
+                         f"{shared // page_size}, row {shared % page_size}) twice: block_table maps two appended "
+                         f"positions to one slot (e.g. a page shared between sequences), so the result would be "
+                         f"undefined; give each sequence its own pages for the positions it appends")
