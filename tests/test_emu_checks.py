@@ -93,6 +93,7 @@ def test_broken_cache_attention_kernel_fails_the_parity_tests(mutation):
     assert "FAILED" in result.stdout, result.stdout[-3000:]
 
 
+@pytest.mark.slow  # about 8 minutes on 2 cores: outside the default run, which sanitizes decode
 def test_sanitized_cache_attention_kernels_run_clean():
     library = emu_variant.build("sanitized", sanitize=True)
     result = emu_variant.run_tests(library, CACHE_PARITY, sanitize=True)
