@@ -346,12 +346,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, so
     if k_cache.shape[3] != d:
         raise ValueError(f"k_cache/v_cache must have head dim {d} like q, got {k_cache.shape[3]}")
     V.heads(hq, hkv, kv_name="k_cache")
-    V.cache_seqlens(cache_seqlens, B, device)
-    if block_table is not None:
-        V.block_table(block_table, B, device)
-    elif k_cache.shape[0] != B:
-        raise ValueError(f"contiguous k_cache/v_cache must have shape [B={B}, S_max, Hkv, D], got {list(k_cache.shape)} "
-                         f"(pass block_table for a paged cache)")
+    V.cache_indexing(k_cache, cache_seqlens, block_table, B, device)
     V.scalar("window_left", window_left, kind=int, minimum=-1)
     V.scalar("num_splits", num_splits, kind=int, minimum=0)
     scale = _default_scale(softmax_scale, d)
@@ -417,12 +412,7 @@ def cache_attention(q, k_cache, v_cache, cache_seqlens, *, cu_seqlens_q=None, ma
             raise ValueError("cu_seqlens_q/max_seqlen_q are only for ragged (3-D) q; q is 4-D [B, Sq, Hq, D]")
         B = q.shape[0]
         max_seqlen_q = q.shape[1]
-    V.cache_seqlens(cache_seqlens, B, device)
-    if block_table is not None:
-        V.block_table(block_table, B, device)
-    elif k_cache.shape[0] != B:
-        raise ValueError(f"contiguous k_cache/v_cache must have shape [B={B}, S_max, Hkv, D], got {list(k_cache.shape)} "
-                         f"(pass block_table for a paged cache)")
+    V.cache_indexing(k_cache, cache_seqlens, block_table, B, device)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
     V.scalar("window_left", window_left, kind=int, minimum=-1)
@@ -489,12 +479,7 @@ def append_kv(k, v, k_cache, v_cache, cache_seqlens, *, block_table=None, k_scal
     else:
         B, s_new = k.shape[:2]
     hkv = k_cache.shape[2]
-    V.cache_seqlens(cache_seqlens, B, device)
-    if block_table is not None:
-        V.block_table(block_table, B, device)
-    elif k_cache.shape[0] != B:
-        raise ValueError(f"contiguous k_cache/v_cache must have shape [B={B}, S_max, Hkv, D], got {list(k_cache.shape)} "
-                         f"(pass block_table for a paged cache)")
+    V.cache_indexing(k_cache, cache_seqlens, block_table, B, device)
     k_scale, v_scale = V.fp8_scales(k_scale, v_scale, k_cache.dtype, hkv, device)
     V.append_index_values(k_cache, cache_seqlens, block_table, cu_seqlens, s_new, k.shape[0])
 

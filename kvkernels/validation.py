@@ -172,6 +172,18 @@ def cache_index_values(k_cache: torch.Tensor, seqlens: torch.Tensor, bt: torch.T
             distinct_append_slots(bt, seqlens, extra, k_cache.shape[1])
 
 
+def cache_indexing(k_cache: torch.Tensor, seqlens: torch.Tensor, bt: torch.Tensor | None, batch: int,
+                   device) -> None:
+    """cache_seqlens int32 [B]; block_table int32 [B, max_pages] for a paged cache, else a contiguous
+    cache of B rows (sequence b owns row b)."""
+    cache_seqlens(seqlens, batch, device)
+    if bt is not None:
+        block_table(bt, batch, device)
+    elif k_cache.shape[0] != batch:
+        raise ValueError(f"contiguous k_cache/v_cache must have shape [B={batch}, S_max, Hkv, D], got "
+                         f"{list(k_cache.shape)} (pass block_table for a paged cache)")
+
+
 def seqlen_values(seqlens: torch.Tensor, extra: int, capacity: int, what: str) -> None:
     """Every cache_seqlens[b] + extra within [0, capacity]."""
     if seqlens.numel() == 0:
