@@ -2,10 +2,14 @@
 with a deliberate bug patched into a kernel) built with extra flags (AddressSanitizer and
 UndefinedBehaviorSanitizer), and a pytest run in a subprocess that loads it through
 KVKERNELS_EMU_LIBRARY. Builds share one folder per variant name, so ninja rebuilds only what a patch
-touches."""
+touches; `variant()` holds that folder's lock from the copy of the sources to the end of the run, so
+two runs sharing a folder (xdist workers, or two test sessions of one checkout) never load each
+other's patch."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import hashlib
 import os
@@ -18,6 +22,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = os.path.join(tempfile.gettempdir(), f"kvkernels-emu-variants-{os.getuid()}-"
                         f"{hashlib.sha1(ROOT.encode()).hexdigest()[:10]}")
 SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+# The race checker (csrc/emu/racecheck.h): the compiler's ThreadSanitizer instrumentation, with its
+# hooks defined by csrc/emu/racecheck/shadow.cpp (compiled without it) instead of by libtsan.
+RACECHECK = ["-fsanitize=thread", "-DKVK_EMU_RACECHECK"]
+RACE_SHADOW = os.path.join("emu", "racecheck", "shadow.cpp")
 
 
 def cuda_include() -> str:
@@ -30,12 +38,23 @@ def cuda_include() -> str:
     return include
 
 
-def build(name: str, patches: dict[str, tuple[str, str]] | None = None, *, sanitize: bool = False) -> str:
+@contextlib.contextmanager
+def variant(name: str, patches: dict[str, tuple[str, str]] | None = None, *, sanitize: bool = False,
+            racecheck: bool = False):
     """Builds csrc/ with `patches` ({path under csrc: (text, replacement)}, each text found exactly once)
-    into its own extension library; returns the path of the .so."""
+    into its own extension library and yields the path of the .so, holding the variant folder's lock
+    until the block ends: run the tests that load it inside the block. sanitize: AddressSanitizer and
+    UndefinedBehaviorSanitizer; racecheck: the shared-memory race checker (one or the other)."""
+    assert not (sanitize and racecheck), "AddressSanitizer and the race checker's instrumentation do not mix"
     tree = os.path.join(VARIANTS, name)
-    src = os.path.join(tree, "csrc")
     os.makedirs(tree, exist_ok=True)
+    with open(os.path.join(tree, ".variant.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        yield _build_locked(tree, name, patches, sanitize, racecheck)
+
+
+def _build_locked(tree: str, name: str, patches, sanitize: bool, racecheck: bool) -> str:
+    src = os.path.join(tree, "csrc")
     # Copy file by file, keeping the modification time of unchanged files so ninja skips them.
     for path in glob.glob(os.path.join(ROOT, "csrc", "**", "*.*"), recursive=True):
         rel = os.path.relpath(path, os.path.join(ROOT, "csrc"))
@@ -55,9 +74,16 @@ def build(name: str, patches: dict[str, tuple[str, str]] | None = None, *, sanit
             f.write(text)
     build_dir = os.path.join(tree, "build")
     os.makedirs(build_dir, exist_ok=True)
+    # torch's builder leaves its own lock file behind when a build is killed, and then waits for it
+    # forever; under our lock nobody else builds here, so a leftover one is stale.
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(build_dir, "lock"))
+    mode = "sanitize" if sanitize else "racecheck" if racecheck else "plain"
+    if racecheck:
+        _build_race_shadow(src, build_dir)
     # torch's builder also loads the library: in a subprocess, with the sanitizer runtimes preloaded
     # when the library needs them (never in this process).
-    result = subprocess.run([sys.executable, __file__, src, build_dir, "1" if sanitize else "0"],
+    result = subprocess.run([sys.executable, __file__, src, build_dir, mode],
                             env=_env(sanitize), capture_output=True, text=True, timeout=1800)
     if result.returncode != 0:
         raise RuntimeError(f"building the emulator variant {name} failed:\n{result.stdout[-3000:]}"
@@ -65,13 +91,33 @@ def build(name: str, patches: dict[str, tuple[str, str]] | None = None, *, sanit
     return os.path.join(build_dir, "_emu.so")
 
 
-def _build_here(src: str, build_dir: str, sanitize: bool) -> None:
+def _build_race_shadow(src: str, build_dir: str) -> None:
+    """The race checker's shadow and hooks, an object of its own built without instrumentation; the
+    library is relinked when it changes (ninja does not know the object)."""
+    source = os.path.join(src, RACE_SHADOW)
+    obj = os.path.join(build_dir, "race_shadow.o")
+    inputs = (source, os.path.join(src, "emu", "racecheck.h"))
+    if os.path.exists(obj) and all(os.path.getmtime(obj) >= os.path.getmtime(p) for p in inputs):
+        return
+    subprocess.run(["g++", "-std=c++17", "-O2", "-fPIC", "-I", src, "-c", source, "-o", obj], check=True,
+                   capture_output=True, text=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(build_dir, "_emu.so"))
+
+
+def _build_here(src: str, build_dir: str, mode: str) -> None:
     from torch.utils.cpp_extension import load
 
-    flags = ["-O1", "-g", "-fno-strict-aliasing", "-DKVK_EMULATE"] + (SANITIZE if sanitize else [])
+    flags = ["-O1", "-g", "-fno-strict-aliasing", "-DKVK_EMULATE"]
+    ldflags = ["-Wl,-Bsymbolic"]
+    if mode == "sanitize":
+        flags += SANITIZE
+        ldflags += SANITIZE
+    elif mode == "racecheck":  # instrumented, but linked against the shadow instead of libtsan
+        flags += RACECHECK
+        ldflags += [os.path.join(build_dir, "race_shadow.o")]
     load(name="_emu", sources=sorted(glob.glob(os.path.join(src, "emu", "*.cpp"))),
-         extra_include_paths=[src, cuda_include()], extra_cflags=flags,
-         extra_ldflags=["-Wl,-Bsymbolic"] + (SANITIZE if sanitize else []),
+         extra_include_paths=[src, cuda_include()], extra_cflags=flags, extra_ldflags=ldflags,
          build_directory=build_dir, is_python_module=False, verbose=False)
 
 
@@ -97,5 +143,5 @@ def run_tests(library: str, args: list[str], *, sanitize: bool = False, timeout:
                            *(["-s"] if sanitize else []), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-if __name__ == "__main__":  # build(): python emu_variant.py SRC BUILD_DIR SANITIZE
-    _build_here(sys.argv[1], sys.argv[2], sys.argv[3] == "1")
+if __name__ == "__main__":  # variant(): python emu_variant.py SRC BUILD_DIR plain|sanitize|racecheck
+    _build_here(sys.argv[1], sys.argv[2], sys.argv[3])

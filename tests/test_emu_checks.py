@@ -1,6 +1,6 @@
-"""Proof that the emulator's checks bite: deliberately broken kernels fail the suite, and the kernels
-run clean under AddressSanitizer + UndefinedBehaviorSanitizer, which catches a shared-memory index
-one past the end. Each case builds a patched copy of csrc/ (tests/emu_variant.py) and runs decode
+"""Proof that the emulator's checks bite: deliberately broken kernels fail the suite, the kernels run
+clean under AddressSanitizer + UndefinedBehaviorSanitizer, which catches a shared-memory index one
+past the end, and clean under the shared-memory race checker, which names a missing barrier. Each case builds a patched copy of csrc/ (tests/emu_variant.py) and runs decode
 tests against it in a subprocess; the unpatched kernels pass the same tests in the main run."""
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ def _rel(patches):
 
 @pytest.mark.parametrize("mutation", list(MUTATIONS))
 def test_broken_decode_kernel_fails_the_parity_tests(mutation):
-    library = emu_variant.build("mutant", _rel(MUTATIONS[mutation]))
-    result = emu_variant.run_tests(library, PARITY)
+    with emu_variant.variant("mutant", _rel(MUTATIONS[mutation])) as library:
+        result = emu_variant.run_tests(library, PARITY)
     assert result.returncode != 0, f"{mutation}: the broken kernel passed\n{result.stdout[-3000:]}"
     assert "FAILED" in result.stdout, result.stdout[-3000:]
 
@@ -44,16 +44,16 @@ def test_broken_decode_kernel_fails_the_parity_tests(mutation):
 def test_a_barrier_some_threads_never_reach_is_reported_as_a_hang():
     patch = {DECODE: ("  __syncthreads();  // the pipeline buffers become the merge area\n",
                       "  if (tid < 64) __syncthreads();\n")}
-    library = emu_variant.build("mutant", _rel(patch))
-    result = emu_variant.run_tests(library, PARITY)
+    with emu_variant.variant("mutant", _rel(patch)) as library:
+        result = emu_variant.run_tests(library, PARITY)
     assert result.returncode != 0
     assert "hang (a barrier some threads never reach)" in result.stdout, result.stdout[-3000:]
     assert "kvk_decode_kernel" in result.stdout and "wait at __syncthreads" in result.stdout, result.stdout[-3000:]
 
 
 def test_sanitized_kernels_run_clean():
-    library = emu_variant.build("sanitized", sanitize=True)
-    result = emu_variant.run_tests(library, PARITY, sanitize=True)
+    with emu_variant.variant("sanitized", sanitize=True) as library:
+        result = emu_variant.run_tests(library, PARITY, sanitize=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
 
@@ -62,12 +62,41 @@ def test_sanitizer_catches_a_shared_memory_index_one_past_the_end():
     # first byte past the launch's allocation.
     patch = {DECODE: ("unsigned char* const flags = smem + Tr::kPipeBytes;",
                       "unsigned char* const flags = smem + Tr::kSmemBytes;")}
-    library = emu_variant.build("sanitized", _rel(patch), sanitize=True)
-    result = emu_variant.run_tests(library, PARITY, sanitize=True)
+    with emu_variant.variant("sanitized", _rel(patch), sanitize=True) as library:
+        result = emu_variant.run_tests(library, PARITY, sanitize=True)
     output = result.stdout + result.stderr
     assert result.returncode != 0, output[-3000:]
     assert "AddressSanitizer: heap-buffer-overflow" in output, output[-3000:]
     assert "kvk_decode_kernel" in output, output[-3000:]  # the report's stack names the kernel
+
+
+# ------------------------------------------------------------------------------ race checker
+
+# Decode, cache attention and the sm_80 prefill (its __syncwarp-ordered output staging), briefly.
+RACE_CLEAN = ["tests/test_decode.py", "tests/test_cache_attention.py", "tests/test_prefill.py", "-k",
+              "cuda-emu and (test_parity_contiguous_and_paged and fp16 and page16"
+              " or test_cuda_parity_ragged_mixed_batch and fp16 or test_dense_parity and fp16 and causal)"]
+
+
+def test_race_checker_finds_no_race_in_the_kernels():
+    with emu_variant.variant("racecheck", racecheck=True) as library:
+        result = emu_variant.run_tests(library, RACE_CLEAN)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "deselected" in result.stdout, result.stdout[-2000:]
+
+
+@pytest.mark.parametrize("barrier", [
+    # the stage a warp may still read is refilled by another warp's cp.async
+    "    __syncthreads();  // tile's copies visible to all; every warp is done with the stage reused below\n",
+    # the pipeline buffers turn into the merge area while other warps still read their last tile
+    "  __syncthreads();  // the pipeline buffers become the merge area\n",
+], ids=["stage-refill", "merge-area"])
+def test_race_checker_names_a_dropped_barrier(barrier):
+    with emu_variant.variant("racecheck", _rel({DECODE: (barrier, "\n")}), racecheck=True) as library:
+        result = emu_variant.run_tests(library, PARITY)
+    assert result.returncode != 0, result.stdout[-3000:]
+    assert "shared-memory race at byte offset" in result.stdout, result.stdout[-3000:]
+    assert "kvk_decode_kernel" in result.stdout, result.stdout[-3000:]
 
 
 # Cache attention (the decode template with kCacheAttn): mixed ragged batches, causal and windowed.
@@ -87,14 +116,14 @@ CACHE_MUTATIONS = {
 
 @pytest.mark.parametrize("mutation", list(CACHE_MUTATIONS))
 def test_broken_cache_attention_kernel_fails_the_parity_tests(mutation):
-    library = emu_variant.build("mutant", _rel(CACHE_MUTATIONS[mutation]))
-    result = emu_variant.run_tests(library, CACHE_PARITY)
+    with emu_variant.variant("mutant", _rel(CACHE_MUTATIONS[mutation])) as library:
+        result = emu_variant.run_tests(library, CACHE_PARITY)
     assert result.returncode != 0, f"{mutation}: the broken kernel passed\n{result.stdout[-3000:]}"
     assert "FAILED" in result.stdout, result.stdout[-3000:]
 
 
 @pytest.mark.slow  # about 8 minutes on 2 cores: outside the default run, which sanitizes decode
 def test_sanitized_cache_attention_kernels_run_clean():
-    library = emu_variant.build("sanitized", sanitize=True)
-    result = emu_variant.run_tests(library, CACHE_PARITY, sanitize=True)
+    with emu_variant.variant("sanitized", sanitize=True) as library:
+        result = emu_variant.run_tests(library, CACHE_PARITY, sanitize=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

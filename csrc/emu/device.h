@@ -26,6 +26,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "emu/racecheck.h"
 #include "emu/runtime.h"
 
 // Qualifiers without meaning on the host (the toolkit defines __device__, __host__, __global__,
@@ -105,7 +106,11 @@ inline uint32_t ballot(const char* name, uint32_t mask, bool pred) {
   return warp_collective(name, ballot_fn, mask, in, 1)[0];
 }
 
-inline void syncwarp_fn(Warp&, Block&) {}
+// A full-mask __syncwarp orders the warp's shared-memory accesses (for the race checker); one with a
+// partial mask is taken as ordering nothing, the strict reading.
+inline void syncwarp_fn(Warp& w, Block& b) {
+  if (w.mask == 0xFFFFFFFFu) race::warp_barrier(static_cast<int>(&w - b.warps.data()));
+}
 
 }  // namespace emu
 }  // namespace kvk

@@ -1,6 +1,8 @@
 // Emulated sm_80 instructions (declared in emu/ptx.h).
 #include "emu/ptx.h"
 
+#include "emu/racecheck.h"
+
 #include <cmath>
 #include <cstring>
 
@@ -112,7 +114,8 @@ void ldmatrix(uint32_t* r, int num, bool trans, uint32_t smem) {
   const char* name = trans ? (num == 4 ? "ldmatrix.x4.trans" : num == 2 ? "ldmatrix.x2.trans" : "ldmatrix.x1.trans")
                            : (num == 4 ? "ldmatrix.x4" : num == 2 ? "ldmatrix.x2" : "ldmatrix.x1");
   // Only lanes 0 .. 8 num - 1 give addresses; the others' are ignored, as on the hardware.
-  if (t.lane < 8 * num) emu::shared_ptr(smem, 16, 16, name);
+  // Each of them reads its row: a read of that lane for the race checker.
+  if (t.lane < 8 * num) emu::race::access(emu::shared_ptr(smem, 16, 16, name), 16, false);
   const uint32_t in[3] = {smem, static_cast<uint32_t>(num), trans ? 1u : 0u};
   const uint32_t* out = emu::warp_collective(name, ldmatrix_fn, 0xFFFFFFFFu, in, 3);
   for (int j = 0; j < num; ++j) r[j] = out[j];

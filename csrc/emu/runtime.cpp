@@ -1,6 +1,8 @@
 // Fibers, the block scheduler and the barriers of the CUDA emulator (see runtime.h).
 #include "emu/runtime.h"
 
+#include "emu/racecheck.h"
+
 #include <ucontext.h>
 
 #include <cstdarg>
@@ -93,6 +95,7 @@ void fiber_main() {
 
 void resume(Thread& t) {
   g.thread = &t;
+  race::set_thread(t.linear);
   Fiber* f = static_cast<Fiber*>(t.context);
 #ifdef KVK_EMU_ASAN
   void* fake = nullptr;
@@ -102,6 +105,7 @@ void resume(Thread& t) {
 #ifdef KVK_EMU_ASAN
   __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #endif
+  race::set_thread(-1);
   g.thread = nullptr;
 }
 
@@ -185,6 +189,10 @@ void fail(const char* fmt, ...) {
   abort();
 }
 
+namespace {
+[[maybe_unused]] void report_race(const char* message) { fail("%s", message); }
+}  // namespace
+
 void set_max_dynamic_smem(const void* kernel, int bytes) {
   std::lock_guard<std::mutex> lock(g_attr_mutex);
   g_max_smem[kernel] = bytes;
@@ -207,6 +215,7 @@ void run_grid(const char* kernel, dim3 grid, dim3 block, size_t smem_bytes, cons
       g.thread = nullptr;
       g.body = nullptr;
       g.error.clear();
+      race::block_end();
     }
   } reset;
   g.launch = &launch;
@@ -236,7 +245,9 @@ void run_grid(const char* kernel, dim3 grid, dim3 block, size_t smem_bytes, cons
           t.lane = i % kWarpSize;
         }
         g.block = &b;
+        race::block_begin(b.smem, smem_bytes, nthreads, report_race);
         run_block(b, fibers);
+        race::block_end();
         g.block = nullptr;
       }
     }
@@ -248,6 +259,7 @@ void sync_block(const char* name) {
   Block& b = *g.block;
   if (++b.barrier_arrived == static_cast<int>(b.threads.size())) {
     b.barrier_arrived = 0;
+    race::block_barrier();
     for (Thread& o : b.threads) o.waiting = nullptr;
     return;
   }
@@ -276,7 +288,10 @@ const uint32_t* warp_collective(const char* name, CollectiveFn fn, uint32_t mask
   memcpy(w.in[t.lane], in, sizeof(uint32_t) * n_in);
   w.arrived |= bit;
   if (w.arrived == mask) {
-    fn(w, b);
+    {
+      race::Internal internal;  // the collective acts for every lane: its accesses are not this thread's
+      fn(w, b);
+    }
     for (int l = 0; l < kWarpSize; ++l) {
       if (!(mask >> l & 1u)) continue;
       Thread& o = b.threads[first + l];
