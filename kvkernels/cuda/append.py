@@ -37,12 +37,14 @@ def _has_ragged(device_type: str) -> bool:
     return any(a.name == "cu_seqlens" for a in schema.arguments)
 
 
-def unsupported(op: str, *, k, k_cache, v=None, v_cache=None, ragged=False, **_) -> str | None:
+def unsupported(op: str, *, k, k_cache, v=None, v_cache=None, ragged=False, rotary_cos=None, **_) -> str | None:
     op_name = "append_kv" if op == "append" else "append_kv_slots"
     tensors = {"k": k, "v": v, "k_cache": k_cache, "v_cache": v_cache}
     reason = device_reason(op_name, tensors)
     if reason:
         return reason
+    if rotary_cos is not None:
+        return "the CUDA append kernels have no fused rotary embedding yet"
     if ragged and not _has_ragged(k_cache.device.type):
         return "this build of the extension has no ragged append_kv kernel (rebuild it)"
     if k_cache.dtype in _FP8:
