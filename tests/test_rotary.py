@@ -393,3 +393,20 @@ def test_compiled_rotary_step_matches_eager():
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, kc2, vc2, seqlens)
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2), "the compiled append must mutate the caches"
     assert torch.equal(compiled, eager)
+
+
+# ------------------------------------------------------------------------------------------ benchmark
+
+
+def test_bench_script_lists_its_scenarios_and_checks_bits_on_cpu(capsys):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_append_rotary.py"
+    spec = importlib.util.spec_from_file_location("bench_append_rotary", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--list", "--batch", "1,4", "--new-tokens", "1"]) == 0
+    assert capsys.readouterr().out.count("fused vs unfused") == 4  # 2 shapes x cuda, triton
+    if not torch.cuda.is_available():  # tiny shapes, same bits fused and unfused (no timing claimed)
+        assert bench.main(["--cpu-smoke", "--backend", "reference", "--interleaved"]) == 0
+        assert "same bits: True" in capsys.readouterr().out
