@@ -7,7 +7,8 @@ x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin, in fp32, then rounded (or fp8-quan
 are stored unchanged. The oracle here is written independently of kvkernels.reference, in the
 "rotate_half" form of the HF implementations (x * cos + rotate_half(x) * sin, with cos/sin spread over
 the rotated dims): (-x2) * s is -(x2 * s) exactly and a + (-b) is a - b exactly, so both forms give the
-same fp32 bits, and any kernel that fuses a multiply-add (or rounds twice) fails the comparison.
+same fp32 bits, and a kernel that fuses a multiply-add (or rounds twice) fails the comparison on the
+fp32 caches (rounded on to fp16/bf16/fp8 the two usually agree, so those cases check the rest).
 Every append is compared byte for byte against that rotation stored through reference.append_kv (fp32
 keys, so rounded once), on NaN-poisoned caches whose unaddressed rows must keep their poison.
 """
@@ -114,10 +115,16 @@ def test_apply_rotary_is_a_rotation():
 CASES = {
     "fp16-neox-full": (torch.float16, torch.float16, torch.float32, None, False, 64),
     "bf16-gptj-partial": (torch.bfloat16, torch.bfloat16, torch.bfloat16, None, True, 32),
+    # fp32 caches keep every fp32 bit: they are the cases a fused multiply-add or a second rounding fails
+    # (rounded to fp16/bf16/fp8 the two usually agree)
     "fp32-neox-partial": (torch.float32, torch.float32, torch.float32, None, False, 16),
+    "fp32-gptj-full": (torch.float32, torch.float32, torch.float32, None, True, 64),
     "fp16-gptj-fp16-table": (torch.float16, torch.float16, torch.float16, None, True, 64),
     "fp8-from-bf16-per-head-neox": (FP8, torch.bfloat16, torch.float32, "head", False, 32),
     "fp8-from-fp16-per-tensor-gptj": (FP8, torch.float16, torch.float32, "tensor", True, 64),
+    # rotary_dim / 2 not a multiple of the CUDA kernel's vector (8 fp16, 16 fp8): its element-load path
+    "fp16-neox-rotary-dim-20": (torch.float16, torch.float16, torch.float32, None, False, 20),
+    "fp8-from-fp32-per-head-neox-rotary-dim-48": (FP8, torch.float32, torch.float32, "head", False, 48),
 }
 LAYOUTS = ["dense-contiguous", "dense-paged", "ragged-paged", "ragged-contiguous", "slots"]
 MAX_POSITION = 64
@@ -202,7 +209,7 @@ def append(kind, index, k, v, kc, vc, kw):
 LAYOUT_CASES = [("ragged-paged", case) for case in CASES]
 LAYOUT_CASES += [(layout, case) for layout in LAYOUTS if layout != "ragged-paged"
                  for case in ("fp16-neox-full", "fp8-from-bf16-per-head-neox")]
-LAYOUT_CASES += [("slots", "bf16-gptj-partial"), ("dense-contiguous", "fp32-neox-partial")]
+LAYOUT_CASES += [("slots", "bf16-gptj-partial"), ("dense-contiguous", "fp32-neox-partial"), ("slots", "fp32-gptj-full")]
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
