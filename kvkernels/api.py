@@ -579,7 +579,8 @@ def apply_rotary(x, cos, sin, positions, *, interleaved=False, inplace=False):
     rotary_cos/rotary_sin/rotary_interleaved. Computed in float32, rounded once to x's dtype.
     -> a new tensor like x, or x itself rotated in place (inplace=True).
     Plain PyTorch (a few elementwise kernels on any device, traceable by torch.compile). Position values
-    are checked against the table where that costs no sync (CPU tensors, or checked mode).
+    are checked against the table where that costs no sync (CPU tensors, or checked mode); unchecked, a
+    position past the table fails in torch's indexing of cos/sin (on a GPU, a device-side assert).
     """
     V.tensor("x", x, rank=(3, 4, 5), dtypes=V.FLOAT_DTYPES)
     device = x.device
