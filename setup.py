@@ -108,7 +108,10 @@ def _emu_extension(cuda_home):
         include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(cuda_home, "include")],
         # -fno-strict-aliasing: the kernels view registers and shared memory through casts that nvcc
         # accepts and GCC's aliasing rules would not.
-        extra_compile_args=["-O2", "-fno-strict-aliasing", "-DKVK_EMULATE"],
+        # -ffp-contract=off: the kernels' fp32 arithmetic must round each product and sum on its own,
+        # as on the GPU where they say so with __fmul_rn & co (GCC contracts a*b + c into an FMA by
+        # default wherever the target has one, e.g. aarch64 or -march=native).
+        extra_compile_args=["-O2", "-fno-strict-aliasing", "-ffp-contract=off", "-DKVK_EMULATE"],
         # -Bsymbolic: the module's own definitions win over same-named ones already loaded, namely
         # libcudart's cudaGetLastError & co. (torch loads it globally) and kvkernels._C's host stubs
         # of the very same kernel templates, which would launch on a GPU instead of emulating.

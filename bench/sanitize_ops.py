@@ -5,7 +5,7 @@
     python3 bench/sanitize_ops.py --parse LOG --tool memcheck      # -> JSON entry for the results
 
 Prefill (dense, causal and not), decode (contiguous, shuffled paged, fp8 paged) and append
-(contiguous, paged, fp8) on backends "cuda" and "triton", fp16 and bf16, head dims 64 and 128,
+(contiguous, paged, fp8; paged with fused rotary, full and partial) on backends "cuda" and "triton", fp16 and bf16, head dims 64 and 128,
 lengths 1, 17 and 113 (page-boundary crossings included). A configuration a backend rejects is
 skipped; any other error counts as a failure (exit code 1).
 """
@@ -87,6 +87,17 @@ def workload(quick: bool) -> int:
                     call(f"append paged fp8 new={new} {tag}",
                          lambda: kvkernels.append_kv(kn, vn, k8, v8, seqlens, block_table=table, k_scale=scale,
                                                      v_scale=scale, backend=backend))
+                    # fused rotary (a partial rotary dim that is not a whole number of vectors too)
+                    for rd in (d, 40):
+                        ang = torch.arange(s_max + new, device=kn.device)[:, None] * torch.rand(rd // 2, device=kn.device)
+                        cos, sin = ang.cos(), ang.sin()
+                        call(f"append paged rotary rd={rd} new={new} {tag}",
+                             lambda: kvkernels.append_kv(kn, vn, kp, vp, seqlens, block_table=table, rotary_cos=cos,
+                                                         rotary_sin=sin, backend=backend))
+                        call(f"append paged fp8 rotary interleaved rd={rd} new={new} {tag}",
+                             lambda: kvkernels.append_kv(kn, vn, k8, v8, seqlens, block_table=table, k_scale=scale,
+                                                         v_scale=scale, rotary_cos=cos, rotary_sin=sin,
+                                                         rotary_interleaved=True, backend=backend))
     print(f"sanitize_ops: {ran} calls ran, {skipped} skipped (unsupported), {failed} failed")
     return 1 if failed else 0
 

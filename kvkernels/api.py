@@ -20,9 +20,12 @@ resolved, causal folded into the window):
                    k_scale, v_scale, num_splits, batch_invariant) -> (out, lse)
   cache_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q, block_table, causal,
                   softmax_scale, window_left, softcap, k_scale, v_scale, num_splits, batch_invariant) -> (out, lse)
-  append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, cu_seqlens=None) -> None
-      (k/v [B, S_new, Hkv, D] with cu_seqlens None, or ragged [T, Hkv, D] with cu_seqlens int32 [B+1])
-  append_kv_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None
+  append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, cu_seqlens=None,
+            rotary_cos=None, rotary_sin=None, rotary_interleaved=False) -> None
+      (k/v [B, S_new, Hkv, D] with cu_seqlens None, or ragged [T, Hkv, D] with cu_seqlens int32 [B+1];
+      rotary_cos/sin [max_position, rotary_dim / 2]: keys rotated at their positions before storing)
+  append_kv_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, positions=None,
+                  rotary_cos=None, rotary_sin=None, rotary_interleaved=False) -> None
   unsupported(op, **normalised args) -> str | None     # why this backend cannot run it
 """
 
@@ -78,15 +81,20 @@ class _ReferenceBackend:
         return out, lse.to(torch.float32)
 
     @staticmethod
-    def append_kv(k, v, k_cache, v_cache, seqlens, block_table, k_scale, v_scale, cu_seqlens=None):
+    def append_kv(k, v, k_cache, v_cache, seqlens, block_table, k_scale, v_scale, cu_seqlens=None,
+                  rotary_cos=None, rotary_sin=None, rotary_interleaved=False):
         from . import reference
         reference.append_kv(k, v, k_cache, v_cache, seqlens, block_table=block_table,
-                            k_scale=k_scale, v_scale=v_scale, cu_seqlens=cu_seqlens)
+                            k_scale=k_scale, v_scale=v_scale, cu_seqlens=cu_seqlens, rotary_cos=rotary_cos,
+                            rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved)
 
     @staticmethod
-    def append_kv_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
+    def append_kv_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, positions=None,
+                        rotary_cos=None, rotary_sin=None, rotary_interleaved=False):
         from . import reference
-        reference.append_kv_slots(k, v, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale)
+        reference.append_kv_slots(k, v, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale,
+                                  positions=positions, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                                  rotary_interleaved=rotary_interleaved)
 
 
 @functools.lru_cache(maxsize=None)
@@ -209,25 +217,35 @@ def _(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q, block_tabl
 @torch.library.custom_op("kvkernels::append_kv", mutates_args=("k_cache", "v_cache"))
 def _append_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor], k_scale: Optional[torch.Tensor],
-               v_scale: Optional[torch.Tensor], backend: str, cu_seqlens: Optional[torch.Tensor] = None) -> None:
-    # cu_seqlens (ragged k/v [T, Hkv, D]) comes last, with a default, so dense calls keep their arguments.
-    get_backend(backend).append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, cu_seqlens)
+               v_scale: Optional[torch.Tensor], backend: str, cu_seqlens: Optional[torch.Tensor] = None,
+               rotary_cos: Optional[torch.Tensor] = None, rotary_sin: Optional[torch.Tensor] = None,
+               rotary_interleaved: bool = False) -> None:
+    # cu_seqlens (ragged k/v [T, Hkv, D]) and the rotary tables come last, with defaults, so earlier
+    # calls keep their arguments; the backends are only given the rotary arguments when rotary is on.
+    extra = () if rotary_cos is None else (rotary_cos, rotary_sin, rotary_interleaved)
+    get_backend(backend).append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, cu_seqlens,
+                                   *extra)
 
 
 @_append_op.register_fake
-def _(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, backend, cu_seqlens=None):
+def _(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, backend, cu_seqlens=None,
+      rotary_cos=None, rotary_sin=None, rotary_interleaved=False):
     return None
 
 
 @torch.library.custom_op("kvkernels::append_kv_slots", mutates_args=("k_cache", "v_cache"))
 def _append_slots_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      slot_mapping: torch.Tensor, k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor],
-                     backend: str) -> None:
-    get_backend(backend).append_kv_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+                     backend: str, positions: Optional[torch.Tensor] = None,
+                     rotary_cos: Optional[torch.Tensor] = None, rotary_sin: Optional[torch.Tensor] = None,
+                     rotary_interleaved: bool = False) -> None:
+    extra = () if rotary_cos is None else (positions, rotary_cos, rotary_sin, rotary_interleaved)
+    get_backend(backend).append_kv_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, *extra)
 
 
 @_append_slots_op.register_fake
-def _(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, backend):
+def _(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, backend, positions=None, rotary_cos=None,
+      rotary_sin=None, rotary_interleaved=False):
     return None
 
 
@@ -446,7 +464,7 @@ def _append_sources(k, v, k_cache, device, rank):
 
 
 def append_kv(k, v, k_cache, v_cache, cache_seqlens, *, block_table=None, k_scale=None, v_scale=None,
-              cu_seqlens=None, backend=None) -> None:
+              cu_seqlens=None, rotary_cos=None, rotary_sin=None, rotary_interleaved=False, backend=None) -> None:
     """Write new keys/values into the cache in place.
 
     dense:  k/v [B, S_new, Hkv, D]
@@ -458,6 +476,15 @@ def append_kv(k, v, k_cache, v_cache, cache_seqlens, *, block_table=None, k_scal
     written slots changes, bit for bit. Index values (cu_seqlens offsets, capacity per sequence, pages,
     a slot written twice through a shared page) are checked where that costs no device sync (CPU
     tensors, or checked mode); a call that fails validation writes nothing.
+
+    Fused rotary embedding (keys only): rotary_cos/rotary_sin [max_position, rotary_dim / 2], k's
+    dtype or float32, k float16/bfloat16/float32. Key i of sequence b is rotated at position
+    cache_seqlens[b] + i before it is stored: its first rotary_dim dims (2 <= rotary_dim <= D; the
+    rest pass through unchanged) in pairs (x[j], x[j + rotary_dim/2]) (GPT-NeoX, rotary_interleaved=
+    False) or (x[2j], x[2j+1]) (GPT-J, True), x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin, computed
+    in float32 and rounded once to the cache dtype (fp8: quantized once with k_scale). Values are
+    stored as they are, in the same launch. Every position must be < max_position (checked with the
+    other index values; unchecked, a token past the table is not written). Queries: apply_rotary.
     """
     if not isinstance(k_cache, torch.Tensor):
         raise TypeError(f"k_cache must be a torch.Tensor, got {type(k_cache).__name__}")
@@ -481,20 +508,30 @@ def append_kv(k, v, k_cache, v_cache, cache_seqlens, *, block_table=None, k_scal
     hkv = k_cache.shape[2]
     V.cache_indexing(k_cache, cache_seqlens, block_table, B, device)
     k_scale, v_scale = V.fp8_scales(k_scale, v_scale, k_cache.dtype, hkv, device)
-    V.append_index_values(k_cache, cache_seqlens, block_table, cu_seqlens, s_new, k.shape[0])
+    max_position = V.rotary_tables(rotary_cos, rotary_sin, k, "k", rotary_interleaved, device)
+    V.append_index_values(k_cache, cache_seqlens, block_table, cu_seqlens, s_new, k.shape[0], max_position)
 
+    rotary = max_position is not None
     backend = resolve_backend("append", backend, device, k=k, v=v, k_cache=k_cache, v_cache=v_cache,
-                              paged=block_table is not None, ragged=ragged)
-    torch.ops.kvkernels.append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, backend,
-                                  cu_seqlens)
+                              paged=block_table is not None, ragged=ragged, rotary_cos=rotary_cos if rotary else None)
+    if rotary:
+        torch.ops.kvkernels.append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, backend,
+                                      cu_seqlens, rotary_cos, rotary_sin, rotary_interleaved)
+    else:  # the same graph as before rotary existed
+        torch.ops.kvkernels.append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, backend,
+                                      cu_seqlens)
 
 
-def append_kv_slots(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None, backend=None) -> None:
+def append_kv_slots(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None, positions=None,
+                    rotary_cos=None, rotary_sin=None, rotary_interleaved=False, backend=None) -> None:
     """Write token t at slot slot_mapping[t], in place (vLLM's reshape_and_cache).
 
     k/v [T, Hkv, D]; slot_mapping int32/int64 [T]; slot s -> page s // page_size, row s % page_size of a
     [num_pages, page_size, Hkv, D] cache (a contiguous [B, S_max, Hkv, D] cache is addressed as its
     flattened B * S_max rows). Negative slots are skipped.
+    rotary_cos/rotary_sin/rotary_interleaved: as append_kv, key t rotated at positions[t]; positions
+    int32/int64 [T] is required with them (and only with them). A written token's position must be in
+    [0, max_position) (checked where that costs no sync; unchecked, a token past the table is not written).
     """
     if not isinstance(k_cache, torch.Tensor):
         raise TypeError(f"k_cache must be a torch.Tensor, got {type(k_cache).__name__}")
@@ -504,6 +541,15 @@ def append_kv_slots(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_sca
     V.tensor("slot_mapping", slot_mapping, rank=1, dtypes=(torch.int32, torch.int64), device=device)
     V.shape("slot_mapping", slot_mapping, (k.shape[0],), "one slot per token")
     k_scale, v_scale = V.fp8_scales(k_scale, v_scale, k_cache.dtype, k_cache.shape[2], device)
+    max_position = V.rotary_tables(rotary_cos, rotary_sin, k, "k", rotary_interleaved, device)
+    rotary = max_position is not None
+    if rotary and positions is None:
+        raise ValueError("append_kv_slots with rotary_cos/rotary_sin needs positions int32/int64 [T] "
+                         "(each token's position in its sequence)")
+    if not rotary and positions is not None:
+        raise ValueError("positions is only used by the rotary embedding: pass rotary_cos and rotary_sin too")
+    if rotary:
+        V.rotary_positions("positions", positions, (k.shape[0],), max_position, device, keep=slot_mapping >= 0)
     if V.values_checkable(slot_mapping) and slot_mapping.numel():
         slot_mapping_host = V.host_copies(slot_mapping)[0]
         rows = k_cache.shape[0] * k_cache.shape[1]
@@ -515,8 +561,43 @@ def append_kv_slots(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_sca
             raise ValueError("slot_mapping writes the same slot twice (the result would be undefined)")
 
     backend = resolve_backend("append_slots", backend, device, k=k, v=v, k_cache=k_cache, v_cache=v_cache,
-                              paged=True)
-    torch.ops.kvkernels.append_kv_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, backend)
+                              paged=True, rotary_cos=rotary_cos if rotary else None)
+    if rotary:
+        torch.ops.kvkernels.append_kv_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, backend,
+                                            positions, rotary_cos, rotary_sin, rotary_interleaved)
+    else:
+        torch.ops.kvkernels.append_kv_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, backend)
+
+
+def apply_rotary(x, cos, sin, positions, *, interleaved=False, inplace=False):
+    """Rotary embedding of queries (or keys kept outside a kvkernels cache): the same rotation, bit for
+    bit, that append_kv(..., rotary_cos=cos, rotary_sin=sin) applies to the keys it stores.
+
+    x [..., H, D] float16/bfloat16/float32, e.g. q [B, S, H, D] or ragged q [T, H, D]; positions
+    int32/int64 of shape x.shape[:-2] ([B, S] or [T]): one position per token, shared by its H heads.
+    cos/sin [max_position, rotary_dim / 2] (x's dtype or float32), interleaved: as append_kv's
+    rotary_cos/rotary_sin/rotary_interleaved. Computed in float32, rounded once to x's dtype.
+    -> a new tensor like x, or x itself rotated in place (inplace=True).
+    Plain PyTorch (a few elementwise kernels on any device, traceable by torch.compile). Position values
+    are checked against the table where that costs no sync (CPU tensors, or checked mode); unchecked, a
+    position past the table fails in torch's indexing of cos/sin (on a GPU, a device-side assert).
+    """
+    V.tensor("x", x, rank=(3, 4, 5), dtypes=V.FLOAT_DTYPES)
+    device = x.device
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {inplace!r}")
+    if not isinstance(interleaved, bool):
+        raise TypeError(f"interleaved must be a bool, got {interleaved!r}")
+    if cos is None or sin is None:
+        raise ValueError("apply_rotary needs both cos and sin [max_position, rotary_dim / 2]")
+    max_position = V.rotary_tables(cos, sin, x, "x", interleaved, device)
+    V.rotary_positions("positions", positions, tuple(x.shape[:-2]), max_position, device)
+    from . import reference
+    out = reference.apply_rotary(x, cos, sin, positions, interleaved=interleaved)
+    if inplace:
+        x.copy_(out)
+        return x
+    return out
 
 
 def merge_attention_states(out_a, lse_a, out_b, lse_b):

@@ -233,19 +233,61 @@ def cache_attention(q, k_cache, v_cache, cache_seqlens, *, cu_seqlens_q=None, bl
     return out, lse
 
 
+def rotary_fp32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                interleaved: bool = False) -> torch.Tensor:
+    """Rotary embedding of x [..., H, D] at positions [...] (one per row, broadcast over the heads),
+    in fp32: the exact values the kernels compute before their single rounding to the output dtype.
+
+    cos/sin [max_position, rotary_dim / 2] (any float dtype, upcast to fp32); the first rotary_dim
+    dims of each head are rotated, the rest pass through (converted to fp32, exactly). Pair j is
+    (x[j], x[j + rotary_dim / 2]) (GPT-NeoX, interleaved=False) or (x[2j], x[2j + 1]) (GPT-J):
+        x1' = x1 * cos[p, j] - x2 * sin[p, j],    x2' = x2 * cos[p, j] + x1 * sin[p, j],
+    every product and sum rounded to fp32 on its own (no fused multiply-add).
+    """
+    half = cos.shape[-1]
+    rd = 2 * half
+    y = x.to(torch.float32)  # a copy for fp16/bf16; cloned below for fp32 so x is never written
+    if y is x:
+        y = y.clone()
+    pos = positions.to(torch.long)
+    c = cos.to(torch.float32)[pos].unsqueeze(-2)  # [..., 1, rd / 2]: the same angle for every head
+    s = sin.to(torch.float32)[pos].unsqueeze(-2)
+    if interleaved:
+        x1, x2 = y[..., 0:rd:2], y[..., 1:rd:2]
+    else:
+        x1, x2 = y[..., :half], y[..., half:rd]
+    r1 = x1 * c - x2 * s
+    r2 = x2 * c + x1 * s
+    if interleaved:
+        y[..., 0:rd:2], y[..., 1:rd:2] = r1, r2
+    else:
+        y[..., :half], y[..., half:rd] = r1, r2
+    return y
+
+
+def apply_rotary(x, cos, sin, positions, *, interleaved=False):
+    """x [..., H, D] rotated at positions [...] (see rotary_fp32), rounded once to x's dtype."""
+    return rotary_fp32(x, cos, sin, positions, interleaved).to(x.dtype)
+
+
 def append_kv(k, v, k_cache, v_cache, cache_seqlens, *, block_table=None, k_scale=None, v_scale=None,
-              cu_seqlens=None):
+              cu_seqlens=None, rotary_cos=None, rotary_sin=None, rotary_interleaved=False):
     """Write token i of sequence b at position cache_seqlens[b] + i, in place. Returns None.
 
     dense:  k/v [B, S_new, Hkv, D]
     ragged: k/v [T, Hkv, D] with cu_seqlens int [B+1]: sequence b's tokens are rows
             cu_seqlens[b] .. cu_seqlens[b+1] - 1
     caches as in decode_attention. cache_seqlens is not modified.
+    rotary_cos/rotary_sin [max_position, rotary_dim / 2]: each key is first rotated at its own
+    position cache_seqlens[b] + i (rotary_fp32, in fp32), then rounded or quantized once; values
+    are stored as they are.
     """
     cu = None if cu_seqlens is None else cu_seqlens.tolist()
     for b, start in enumerate(cache_seqlens.tolist()):
         kb, vb = (k[b], v[b]) if cu is None else (k[cu[b]:cu[b + 1]], v[cu[b]:cu[b + 1]])  # [n_b, Hkv, D]
         pos = torch.arange(start, start + kb.shape[0], device=kb.device)
+        if rotary_cos is not None:
+            kb = rotary_fp32(kb, rotary_cos, rotary_sin, pos, rotary_interleaved)
         for src, cache, scale in ((kb, k_cache, k_scale), (vb, v_cache, v_scale)):
             values = quantize(src, scale, cache.dtype)
             if block_table is None:
@@ -256,17 +298,22 @@ def append_kv(k, v, k_cache, v_cache, cache_seqlens, *, block_table=None, k_scal
                 cache[pages, pos % page_size] = values
 
 
-def append_kv_slots(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None):
+def append_kv_slots(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None, positions=None,
+                    rotary_cos=None, rotary_sin=None, rotary_interleaved=False):
     """Write token t at slot slot_mapping[t] (page s // page_size, row s % page_size), in place.
 
     k/v [T, Hkv, D]; caches [pages, page_size, Hkv, D] (a contiguous [B, S_max, Hkv, D] cache is
-    the same thing read as B pages of S_max rows). Negative slots are skipped.
+    the same thing read as B pages of S_max rows). Negative slots are skipped. With rotary_cos/sin,
+    key t is rotated at positions[t] (int [T]) before it is stored, as in append_kv.
     """
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].to(torch.long)
-    for src, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+    k_kept = k[keep]
+    if rotary_cos is not None:  # a skipped token's position is never read
+        k_kept = rotary_fp32(k_kept, rotary_cos, rotary_sin, positions[keep], rotary_interleaved)
+    for src, cache, scale in ((k_kept, k_cache, k_scale), (v[keep], v_cache, v_scale)):
         page_size = cache.shape[1]
-        cache[slots // page_size, slots % page_size] = quantize(src[keep], scale, cache.dtype)
+        cache[slots // page_size, slots % page_size] = quantize(src, scale, cache.dtype)
 
 
 def merge_states(outs, lses):

@@ -284,14 +284,15 @@ def query_counts(seqlens: torch.Tensor, cu_q: torch.Tensor | None, max_seqlen_q:
         raise ValueError(f"sequence {b} has {int(counts[b])} queries but cache_seqlens[{b}] = {int(seqlens[b])}: "
                          f"the cache must already hold the queries' own keys and values (append them first)")
 def append_index_values(k_cache: torch.Tensor, seqlens: torch.Tensor, bt: torch.Tensor | None,
-                        cu: torch.Tensor | None, s_new: int, total: int) -> None:
+                        cu: torch.Tensor | None, s_new: int, total: int, max_position: int | None = None) -> None:
     """The index values of an append (dense: s_new tokens per sequence; ragged: cu_seqlens [B+1] over
     `total` tokens), read with one synchronisation in all; a no-op unless values_checkable().
 
     cu_seqlens: starts at 0, non-decreasing, ends at total. Each sequence's end cache_seqlens[b] + n_b
     within the capacity, the block-table entries it needs valid pages, and no cache slot written by
     two tokens (two sequences sharing a page, both appending to the same rows: the result would
-    depend on which write lands last).
+    depend on which write lands last). max_position (rotary appends: rotary_cos.shape[0]): every
+    appended position cache_seqlens[b] + i must have a row of the cos/sin table.
     """
     if not values_checkable(seqlens, bt, cu):
         return
@@ -316,6 +317,14 @@ def append_index_values(k_cache: torch.Tensor, seqlens: torch.Tensor, bt: torch.
         n, start = int(counts[b]), int(starts[b])
         raise ValueError(f"append of {n} token{'s' if n != 1 else ''} to sequence {b} would run past the cache's "
                          f"capacity: cache_seqlens[{b}] + {n} = {start} + {n} = {start + n} > {capacity} {what}")
+    if max_position is not None:
+        past = ((ends > max_position) & (counts > 0)).nonzero()
+        if past.numel():
+            b = int(past[0])
+            n, start = int(counts[b]), int(starts[b])
+            raise ValueError(f"rotary: sequence {b}'s appended positions run to cache_seqlens[{b}] + {n} - 1 = "
+                             f"{start + n - 1}, past the cos/sin table's {max_position} positions "
+                             f"(rotary_cos.shape[0])")
     if bt is None:
         return  # sequence b owns cache row b: no two sequences meet
     block_table_values(bt, ends, 0, page_size, k_cache.shape[0])
@@ -332,3 +341,64 @@ def append_index_values(k_cache: torch.Tensor, seqlens: torch.Tensor, bt: torch.
                          f"{shared // page_size}, row {shared % page_size}) twice: block_table maps two appended "
                          f"positions to one slot (e.g. a page shared between sequences), so the result would be "
                          f"undefined; give each sequence its own pages for the positions it appends")
+
+
+ROTARY_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def rotary_tables(cos, sin, x: torch.Tensor, x_name: str, interleaved, device) -> int | None:
+    """rotary_cos/rotary_sin [max_position, rotary_dim / 2] for the rows of x [..., D]: both or
+    neither, the same shape and dtype (x's dtype or float32), 2 <= rotary_dim <= D (rotary_dim is
+    even by construction: one angle per pair). -> max_position, or None without rotary."""
+    if cos is None and sin is None:
+        if not isinstance(interleaved, bool):
+            raise TypeError(f"rotary_interleaved must be a bool, got {interleaved!r}")
+        return None
+    if cos is None or sin is None:
+        given, missing = ("rotary_cos", "rotary_sin") if sin is None else ("rotary_sin", "rotary_cos")
+        raise ValueError(f"{given} was given without {missing}: the rotary embedding needs both tables")
+    if not isinstance(interleaved, bool):
+        raise TypeError(f"rotary_interleaved must be a bool, got {interleaved!r}")
+    if x.dtype not in ROTARY_DTYPES:
+        raise TypeError(f"rotary embedding: {x_name} must be float16, bfloat16 or float32 (it is rotated in "
+                        f"float32), got {str(x.dtype).replace('torch.', '')}")
+    dtypes = (x.dtype,) if x.dtype == torch.float32 else (x.dtype, torch.float32)
+    tensor("rotary_cos", cos, rank=2, dtypes=dtypes, device=device)
+    tensor("rotary_sin", sin, rank=2, dtypes=dtypes, device=device)
+    if cos.shape != sin.shape or cos.dtype != sin.dtype:
+        raise ValueError(f"rotary_cos and rotary_sin must have the same shape and dtype, got {list(cos.shape)} "
+                         f"{str(cos.dtype).replace('torch.', '')} and {list(sin.shape)} "
+                         f"{str(sin.dtype).replace('torch.', '')}")
+    last_dim_contiguous("rotary_cos", cos)
+    last_dim_contiguous("rotary_sin", sin)
+    d = x.shape[-1]
+    half = cos.shape[1]
+    if half < 1 or 2 * half > d:
+        raise ValueError(f"rotary_cos/rotary_sin must have shape [max_position, rotary_dim / 2] with 2 <= rotary_dim "
+                         f"<= head dim {d} (one angle per rotated pair), got {list(cos.shape)} "
+                         f"(rotary_dim = {2 * half})")
+    return cos.shape[0]
+
+
+def rotary_positions(name: str, positions, expected_shape: tuple, max_position: int, device,
+                     keep: torch.Tensor | None = None) -> None:
+    """positions int32/int64 of expected_shape, values in [0, max_position) where keep (a bool mask of
+    the same shape, e.g. the tokens a slot append writes) is True; values only when values_checkable()."""
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(positions).__name__}")
+    tensor(name, positions, rank=positions.dim(), dtypes=(torch.int32, torch.int64), device=device)
+    if tuple(positions.shape) != tuple(expected_shape):
+        raise ValueError(f"{name} must have shape {list(expected_shape)} (one position per token, shared by its "
+                         f"heads), got {list(positions.shape)}")
+    if positions.numel() == 0 or not values_checkable(positions, keep):
+        return
+    pos, keep = host_copies(positions, keep)
+    pos = pos if keep is None else pos[keep]
+    if pos.numel() == 0:
+        return
+    lo, hi = int(pos.min()), int(pos.max())
+    if lo < 0:
+        raise ValueError(f"{name} must be >= 0, got {lo}")
+    if hi >= max_position:
+        raise ValueError(f"{name}.max() = {hi} is past the cos/sin table's {max_position} positions "
+                         f"(rotary_cos.shape[0])")

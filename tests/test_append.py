@@ -335,9 +335,11 @@ def test_cuda_raw_op_schema_takes_optional_cu_seqlens():
         pytest.skip("the CUDA extension is not built")
     schema = torch.ops.kvkernels_C.append_kv.default._schema
     names = [a.name for a in schema.arguments]
-    assert names == ["k", "v", "k_cache", "v_cache", "cache_seqlens", "block_table", "k_scale", "v_scale",
-                     "cu_seqlens"]
-    cu = schema.arguments[-1]
+    assert names[:9] == ["k", "v", "k_cache", "v_cache", "cache_seqlens", "block_table", "k_scale", "v_scale",
+                         "cu_seqlens"]
+    assert names[9:] == ["rotary_cos", "rotary_sin", "rotary_interleaved"]  # later additions, all defaulted
+    assert all(a.has_default_value() for a in schema.arguments[8:])
+    cu = schema.arguments[8]
     assert str(cu.type) == "Optional[Tensor]" and cu.default_value is None and cu.has_default_value()
     written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
     assert written == {"k_cache", "v_cache"} and len(schema.returns) == 0

@@ -121,26 +121,32 @@ def _decode(d, hq, hkv, *, page_size=None, fp8=False, splits=1, softcap=0.0, dty
     return plan
 
 
-def _append(d, hkv, *, mode="contiguous", src=torch.float16, fp8=False):
+def _append(d, hkv, *, mode="contiguous", src=torch.float16, fp8=False, rotary=None):
+    """rotary: None, or (rotary_dim, interleaved, table dtype) for the fused rotary embedding."""
     def plan(target):
         from kvkernels.triton import append
         cache_dtype = torch.float8_e4m3fn if fp8 else src
         scale = torch.ones(hkv) if fp8 else None
+        rot = None
+        if rotary is not None:
+            rd, interleaved, table_dtype = rotary
+            cos = torch.empty(64, rd // 2, dtype=table_dtype)
+            rot = (cos, torch.empty_like(cos), interleaved, torch.arange(5, dtype=torch.int32) if mode == "slots" else None)
         if mode == "slots":
             k = torch.empty(5, 1, hkv, d, dtype=src)
             kc = torch.empty(8, 16, hkv, d, dtype=cache_dtype)
             return [append.plan(k, torch.empty_like(k), kc, torch.empty_like(kc), append._SLOTS, None, None,
-                                torch.arange(5, dtype=torch.int64), scale, scale)]
+                                torch.arange(5, dtype=torch.int64), scale, scale, None, rot)]
         k = torch.empty(2, 3, hkv, d, dtype=src)
         seqlens = torch.zeros(2, dtype=torch.int32)
         if mode == "paged":
             kc = torch.empty(8, 16, hkv, d, dtype=cache_dtype)
             table = torch.zeros(2, 4, dtype=torch.int32)
             return [append.plan(k, torch.empty_like(k), kc, torch.empty_like(kc), append._PAGED, seqlens, table,
-                                None, scale, scale)]
+                                None, scale, scale, None, rot)]
         kc = torch.empty(2, 64, hkv, d, dtype=cache_dtype)
         return [append.plan(k, torch.empty_like(k), kc, torch.empty_like(kc), append._CONTIGUOUS, seqlens, None,
-                            None, scale, scale)]
+                            None, scale, scale, None, rot)]
     return plan
 
 
@@ -215,6 +221,13 @@ VARIANTS = (
     Variant("append-d64-paged-fp8-from-bf16", _append(64, 4, mode="paged", src=torch.bfloat16, fp8=True),
             dot=False, wide_loads=True),
     Variant("append-d128-slots", _append(128, 2, mode="slots"), dot=False, wide_loads=True),
+    # fused rotary: libdevice mul_rn/add_rn/sub_rn must compile (the interpreter never runs them)
+    Variant("append-d128-paged-rotary-neox-bf16", _append(128, 8, mode="paged", src=torch.bfloat16,
+                                                          rotary=(128, False, torch.float32)),
+            dot=False, wide_loads=True),
+    Variant("append-d64-slots-rotary-gptj-partial-fp8-from-fp16", _append(64, 4, mode="slots", fp8=True,
+                                                                          rotary=(32, True, torch.float16)),
+            dot=False, wide_loads=True),
 )
 
 

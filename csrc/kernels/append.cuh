@@ -11,6 +11,16 @@
 // kvkernels.reference.quantize computes: IEEE division (__fdiv_rn, whatever the compiler flags),
 // then the conversion of common/dtype.cuh.
 //
+// Fused rotary embedding (kRotary): the key vector is widened to fp32 and its first rotary_dim
+// elements rotated at the token's position, x1*cos - x2*sin and x2*cos + x1*sin with every product
+// and sum rounded on its own (__fmul_rn / __fadd_rn / __fsub_rn: nvcc would otherwise contract
+// a*b - c*d into a fused multiply-add, one rounding fewer and different bits from
+// kvkernels.reference.rotary_fp32), then rounded once to the cache dtype or quantized as above. A
+// GPT-J partner is in the thread's own vector; a GPT-NeoX partner is rotary_dim / 2 elements away,
+// one more 16-byte load of the source row when rotary_dim / 2 is a whole number of vectors (every
+// usual head dim), element loads otherwise. The tables are read per element (L1/L2 hits: a
+// [max_position, rotary_dim / 2] table row is shared by all heads of a token).
+//
 // CUDA headers only: no torch.
 #pragma once
 
@@ -107,6 +117,124 @@ __host__ __device__ __forceinline__ float div_rn(float a, float b) {
 #endif
 }
 
+// IEEE product / sum / difference rounded on their own: never contracted into a fused multiply-add
+// (nvcc contracts by default; the emulator's host build has -ffp-contract=off, setup.py).
+__host__ __device__ __forceinline__ float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+__host__ __device__ __forceinline__ float add_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+__host__ __device__ __forceinline__ float sub_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+
+// Entry j of row pos of a rotary table [max_position, rotary_half] (fp32 or Src), widened to fp32.
+template <typename Src>
+__host__ __device__ __forceinline__ float rotary_table(const AppendParams& p, const void* table, int64_t stride,
+                                                       int64_t pos, int32_t j) {
+  if (p.rotary_cos_fp32) return static_cast<const float*>(table)[pos * stride + j];
+  return DType<Src>::to_float(static_cast<const Src*>(table)[pos * stride + j]);
+}
+
+// Widens kSrcLoads source vectors to the kCacheElems floats of one cache vector.
+template <typename Src, typename Cache>
+__host__ __device__ __forceinline__ void widen(const uint4 (&src)[AppendTraits<Src, Cache>::kSrcLoads],
+                                               float (&out)[AppendTraits<Src, Cache>::kCacheElems]) {
+  using Tr = AppendTraits<Src, Cache>;
+#pragma unroll
+  for (int j = 0; j < Tr::kSrcLoads; ++j) {
+    float part[Tr::kSrcElems];
+    unpack_to_float<Src>(src[j], part);
+#pragma unroll
+    for (int e = 0; e < Tr::kSrcElems; ++e) out[j * Tr::kSrcElems + e] = part[e];
+  }
+}
+
+// Rotates x = the key elements [col, col + kCacheElems) of the source row `row` (Src [D]) in place
+// at position pos; elements at or past rotary_dim are left as they are.
+template <typename Src, typename Cache>
+__host__ __device__ __forceinline__ void rotate_key(const AppendParams& p, const Src* row, int64_t col, int64_t pos,
+                                                    float (&x)[AppendTraits<Src, Cache>::kCacheElems]) {
+  using Tr = AppendTraits<Src, Cache>;
+  constexpr int N = Tr::kCacheElems;
+  const int64_t half = p.rotary_half;
+  if (col >= 2 * half) return;
+  float partner[N];
+  if (p.rotary_interleaved) {
+#pragma unroll
+    for (int e = 0; e < N; ++e) partner[e] = x[e ^ 1];  // col and N even: pairs never straddle vectors
+  } else if (half % N == 0) {
+    // The vector lies in one half; its partner is the aligned vector half elements away.
+    const int64_t pc = col < half ? col + half : col - half;
+    uint4 raw[Tr::kSrcLoads];
+#pragma unroll
+    for (int j = 0; j < Tr::kSrcLoads; ++j) raw[j] = ld_global_16(row + pc + j * Tr::kSrcElems);
+    widen<Src, Cache>(raw, partner);
+  } else {
+    // Element loads (rotary_dim / 2 not a multiple of the vector: rare). 32-bit indices (D <= 256);
+    // elements past rotary_dim read their own position (in bounds, unused).
+    const int32_t h32 = static_cast<int32_t>(half);
+    const int32_t c32 = static_cast<int32_t>(col);
+#pragma unroll
+    for (int e = 0; e < N; ++e) {
+      const int32_t d = c32 + e;
+      const int32_t pd = d < h32 ? d + h32 : (d < 2 * h32 ? d - h32 : d);
+      partner[e] = DType<Src>::to_float(row[pd]);
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < N; ++e) {
+    const int64_t d = col + e;
+    if (d >= 2 * half) continue;
+    const bool first = p.rotary_interleaved ? (d & 1) == 0 : d < half;
+    const int32_t j = static_cast<int32_t>(p.rotary_interleaved ? d >> 1 : (d < half ? d : d - half));
+    const float c = rotary_table<Src>(p, p.rotary_cos, p.cos_stride, pos, j);
+    const float s = rotary_table<Src>(p, p.rotary_sin, p.sin_stride, pos, j);
+    const float xc = mul_rn(x[e], c);
+    const float ps = mul_rn(partner[e], s);
+    x[e] = first ? sub_rn(xc, ps) : add_rn(xc, ps);
+  }
+}
+
+// A 16-byte store that stays one STG.E.128: in the rotary kernels NVVM splits the plain uint4 store
+// (st_global_16) into four 32-bit ones on sm_80 (the union round trips of the fp32 math hide that
+// the four words travel together); the vector store is spelled out instead.
+__host__ __device__ __forceinline__ void st_global_v4(void* ptr, const uint4& v) {
+#ifdef __CUDA_ARCH__
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+#else
+  st_global_16(ptr, v);
+#endif
+}
+
+// The rotated key's cache vector: rounded to the cache dtype, or fp8 of value / scale.
+template <typename Src, typename Cache>
+__host__ __device__ __forceinline__ uint4 rotated_convert(float (&x)[AppendTraits<Src, Cache>::kCacheElems],
+                                                         float scale) {
+  using Tr = AppendTraits<Src, Cache>;
+  if constexpr (Tr::kQuantize) {
+#pragma unroll
+    for (int e = 0; e < Tr::kCacheElems; ++e) x[e] = div_rn(x[e], scale);
+  }
+  return pack_from_float<Cache>(x);
+}
+
 // The sign bit of element e of a 16-byte vector of Src, from its bits.
 template <typename Src>
 __host__ __device__ __forceinline__ uint32_t sign_bit(const uint4& raw, int e) {
@@ -149,11 +277,12 @@ __host__ __device__ __forceinline__ uint4 append_convert(const uint4 (&src)[Appe
 // grid (ceil(tokens / tokens_per_block), ceil(Hkv * vecs_per_head / kAppendThreads)).
 // Thread -> (token, head h, vector c of the head's row). tokens = B * S_new, or T when ragged
 // (< 2^31, host-checked). Host-callable too, so the whole launch can be emulated on a CPU.
-template <typename Src, typename Cache, AppendMode kMode, typename SlotT, bool kRagged = false>
+template <typename Src, typename Cache, AppendMode kMode, typename SlotT, bool kRagged = false, bool kRotary = false>
 __host__ __device__ __forceinline__ void append_thread(const AppendParams& p, int32_t block_x, int32_t block_y,
                                                        int32_t thread_x) {
   using Tr = AppendTraits<Src, Cache>;
   static_assert(!kRagged || kMode != AppendMode::kSlots, "slots address tokens directly: no ragged variant");
+  static_assert(!kRotary || !std::is_same<Src, uint8_t>::value, "the rotary kernels need the source's type");
   const int32_t row_vecs = p.num_heads * p.vecs_per_head;  // vectors per token, all heads
   const int32_t lanes = row_vecs < kAppendThreads ? row_vecs : kAppendThreads;
   const int32_t sub = thread_x / lanes;  // token within the block
@@ -188,6 +317,16 @@ __host__ __device__ __forceinline__ void append_thread(const AppendParams& p, in
   }
   int64_t page, row;
   if (!append_cache_row<kMode, SlotT>(p, b, i, page, row)) return;
+  int64_t pos = 0;  // the rotary position
+  if constexpr (kRotary) {
+    if constexpr (kMode == AppendMode::kSlots) {
+      pos = p.positions_int64 ? static_cast<const int64_t*>(p.positions)[t * p.positions_stride]
+                              : static_cast<int64_t>(static_cast<const int32_t*>(p.positions)[t * p.positions_stride]);
+    } else {
+      pos = static_cast<int64_t>(p.cache_seqlens[b * p.seqlens_stride]) + i;
+    }
+    if (pos < 0 || pos >= p.max_position) return;  // no row of the table: not written
+  }
 
   Cache* k_dst = static_cast<Cache*>(p.k_cache) + page * p.kc_stride_page + row * p.kc_stride_row +
                  h * p.kc_stride_h + col;
@@ -198,8 +337,16 @@ __host__ __device__ __forceinline__ void append_thread(const AppendParams& p, in
     k_scale = p.k_scale[h * p.k_scale_stride];
     v_scale = p.v_scale[h * p.v_scale_stride];
   }
-  st_global_16(k_dst, append_convert<Src, Cache>(k_in, k_scale));
-  st_global_16(v_dst, append_convert<Src, Cache>(v_in, v_scale));
+  if constexpr (kRotary) {
+    float x[Tr::kCacheElems];
+    widen<Src, Cache>(k_in, x);
+    rotate_key<Src, Cache>(p, k_src - col, col, pos, x);
+    st_global_v4(k_dst, rotated_convert<Src, Cache>(x, k_scale));
+    st_global_v4(v_dst, append_convert<Src, Cache>(v_in, v_scale));
+  } else {
+    st_global_16(k_dst, append_convert<Src, Cache>(k_in, k_scale));
+    st_global_16(v_dst, append_convert<Src, Cache>(v_in, v_scale));
+  }
 }
 
 // The kernel: append_thread for every thread of the grid.
@@ -208,9 +355,10 @@ __host__ __device__ __forceinline__ void append_thread(const AppendParams& p, in
 //   p.cache_seqlens       [B] int32 (contiguous/paged), p.block_table [B, max_pages] int32 (paged),
 //   p.cu_seqlens          [B + 1] int32 (ragged), p.slot_mapping [T] SlotT (slots),
 //   p.k_scale/p.v_scale   [Hkv] fp32 (fp8 caches)
-template <typename Src, typename Cache, AppendMode kMode, typename SlotT, bool kRagged = false>
+//   p.rotary_cos/sin      [max_position, rotary_half] Src or fp32 (kRotary), p.positions [T] (kRotary, slots)
+template <typename Src, typename Cache, AppendMode kMode, typename SlotT, bool kRagged = false, bool kRotary = false>
 __global__ void __launch_bounds__(kAppendThreads) kvk_append_kernel(const __grid_constant__ AppendParams p) {
-  append_thread<Src, Cache, kMode, SlotT, kRagged>(p, static_cast<int32_t>(blockIdx.x),
+  append_thread<Src, Cache, kMode, SlotT, kRagged, kRotary>(p, static_cast<int32_t>(blockIdx.x),
                                                    static_cast<int32_t>(blockIdx.y), static_cast<int32_t>(threadIdx.x));
 }
 

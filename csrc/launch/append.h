@@ -27,10 +27,15 @@ enum class AppendMode : int {
 
 // What the source holds; the cache is the source's own dtype (a bit copy) or fp8 e4m3 (quantized).
 enum class AppendSource : int {
-  kCopy = 0,      // cache dtype == source dtype (any element size): bytes are copied unchanged
-  kHalfToFp8 = 1, // fp16 source, fp8 e4m3 cache
-  kBf16ToFp8 = 2, // bf16 source, fp8 e4m3 cache
-  kFloatToFp8 = 3 // fp32 source, fp8 e4m3 cache
+  kCopy = 0,       // cache dtype == source dtype (any element size): bytes are copied unchanged
+  kHalfToFp8 = 1,  // fp16 source, fp8 e4m3 cache
+  kBf16ToFp8 = 2,  // bf16 source, fp8 e4m3 cache
+  kFloatToFp8 = 3, // fp32 source, fp8 e4m3 cache
+  // Caches of the source's dtype seen as that dtype (strides in elements): the rotary kernels, which
+  // compute on the key, need the type; without rotary such appends are kCopy.
+  kHalf = 4,
+  kBf16 = 5,
+  kFloat = 6,
 };
 
 // Strides are in elements of the tensor's own dtype; for AppendSource::kCopy the k/v and cache
@@ -65,6 +70,21 @@ struct AppendParams {
   const float* k_scale;  // [Hkv] fp32, stride 0 for one scale per tensor (fp8 caches)
   const float* v_scale;
   int64_t k_scale_stride, v_scale_stride;
+
+  // Fused rotary embedding of the keys (rotary_cos != nullptr selects the rotary kernels): the key
+  // of a token at position pos is rotated over its first 2 * rotary_half dims in fp32 before it is
+  // rounded / quantized (kvkernels.reference.rotary_fp32); values are untouched. A token whose
+  // position is outside [0, max_position) is not written (K nor V).
+  const void* rotary_cos;    // [max_position, rotary_half], the source's dtype or fp32 (rotary_cos_fp32)
+  const void* rotary_sin;    // same shape and dtype
+  int64_t cos_stride, sin_stride;  // row strides, in elements
+  int64_t max_position;
+  const void* positions;     // [T] int32 / int64 (positions_int64), kSlots only: token t's position
+  int64_t positions_stride;
+  int32_t rotary_half;       // rotary_dim / 2 >= 1
+  int32_t rotary_interleaved;  // 1: GPT-J pairs (x[2j], x[2j + 1]); 0: GPT-NeoX (x[j], x[j + rotary_half])
+  int32_t rotary_cos_fp32;   // 1: tables are fp32; 0: the source's dtype
+  int32_t positions_int64;
 
   int32_t batch;           // B (T for slots)
   int32_t seq_new;         // S_new (1 for slots and ragged)
@@ -101,7 +121,8 @@ inline bool append_launch_shape(AppendParams& p, uint32_t& grid_x, uint32_t& gri
 
 // Launches one append (K and V) on `stream`. Returns the launch status; enqueues nothing when
 // there is no token. slot_int64 selects the slot_mapping dtype (kSlots only); p.cu_seqlens selects
-// the ragged kernels (kContiguous and kPaged only).
+// the ragged kernels (kContiguous and kPaged only); p.rotary_cos the rotary kernels (every source
+// but kCopy: a same-dtype rotary append is kHalf / kBf16 / kFloat).
 cudaError_t launch_append(AppendParams params, AppendSource source, AppendMode mode, bool slot_int64,
                           cudaStream_t stream);
 

@@ -55,11 +55,45 @@ void set_scale(const char* name, const std::optional<Tensor>& scale, bool quanti
   stride = s.stride(0);
 }
 
+// The rotary tables (both or neither): [max_position, rotary_half] of k's dtype or fp32, last dim
+// contiguous, 2 <= rotary_dim = 2 * rotary_half <= D. Sets p.rotary_* (rotary_cos nullptr: no rotary).
+void set_rotary(AppendParams& p, const Tensor& k, const Tensor& k_cache, const std::optional<Tensor>& cos,
+                const std::optional<Tensor>& sin, bool interleaved) {
+  p.rotary_cos = p.rotary_sin = nullptr;
+  TORCH_CHECK(cos.has_value() == sin.has_value(), "rotary_cos and rotary_sin go together");
+  if (!cos.has_value()) return;
+  const Tensor& c = *cos;
+  const Tensor& s = *sin;
+  check_device(kOp, "rotary_cos", c, k_cache);
+  check_device(kOp, "rotary_sin", s, k_cache);
+  TORCH_CHECK(k.scalar_type() == at::kHalf || k.scalar_type() == at::kBFloat16 || k.scalar_type() == at::kFloat,
+              "the rotary embedding needs float16, bfloat16 or float32 keys, got ", k.scalar_type());
+  TORCH_CHECK(c.scalar_type() == s.scalar_type() && c.sizes() == s.sizes(),
+              "rotary_cos and rotary_sin must have the same shape and dtype");
+  TORCH_CHECK(c.scalar_type() == k.scalar_type() || c.scalar_type() == at::kFloat, "rotary_cos/rotary_sin must be ",
+              k.scalar_type(), " or float32, got ", c.scalar_type());
+  TORCH_CHECK(c.dim() == 2 && c.size(1) >= 1 && 2 * c.size(1) <= k_cache.size(3),
+              "rotary_cos/rotary_sin must be [max_position, rotary_dim / 2] with 2 <= rotary_dim <= D = ",
+              k_cache.size(3), ", got ", c.sizes());
+  TORCH_CHECK((c.size(1) == 1 || c.stride(1) == 1) && (s.size(1) == 1 || s.stride(1) == 1),
+              "rotary_cos/rotary_sin must be contiguous in their last dimension");
+  p.rotary_cos = c.data_ptr();
+  p.rotary_sin = s.data_ptr();
+  p.cos_stride = c.stride(0);
+  p.sin_stride = s.stride(0);
+  p.max_position = c.size(0);
+  p.rotary_half = static_cast<int32_t>(c.size(1));
+  p.rotary_interleaved = interleaved ? 1 : 0;
+  p.rotary_cos_fp32 = c.scalar_type() == at::kFloat ? 1 : 0;
+}
+
 // Fills everything but the positions (sources, caches, scales, sizes) and returns the source kind.
 // k/v are seen as [B, S_new, Hkv, D], or with token_rows (slots, ragged append_kv) [T, 1, Hkv, D].
 AppendSource fill_common(AppendParams& p, const Tensor& k, const Tensor& v, const Tensor& k_cache,
                          const Tensor& v_cache, const std::optional<Tensor>& k_scale,
-                         const std::optional<Tensor>& v_scale, bool token_rows) {
+                         const std::optional<Tensor>& v_scale, bool token_rows,
+                         const std::optional<Tensor>& rotary_cos, const std::optional<Tensor>& rotary_sin,
+                         bool rotary_interleaved) {
   TORCH_CHECK(k_cache.dim() == 4, "k_cache must be 4-D [pages or B, page_size or S_max, Hkv, D], got ",
               k_cache.sizes());
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache shapes differ: ", k_cache.sizes(), " vs ",
@@ -75,7 +109,13 @@ AppendSource fill_common(AppendParams& p, const Tensor& k, const Tensor& v, cons
   check_device(kOp, "v", v, k_cache);
   check_device(kOp, "v_cache", v_cache, k_cache);
 
-  const AppendSource source = source_kind(k, k_cache);
+  AppendSource source = source_kind(k, k_cache);
+  const bool quantize = source != AppendSource::kCopy;
+  set_rotary(p, k, k_cache, rotary_cos, rotary_sin, rotary_interleaved);
+  if (p.rotary_cos != nullptr && !quantize) {  // the rotary kernels compute on typed keys
+    source = k.scalar_type() == at::kHalf ? AppendSource::kHalf
+             : k.scalar_type() == at::kBFloat16 ? AppendSource::kBf16 : AppendSource::kFloat;
+  }
   const bool copy = source == AppendSource::kCopy;
   const int64_t head_dim = k_cache.size(3);
   const int64_t row_bytes = head_dim * k_cache.element_size();
@@ -115,8 +155,8 @@ AppendSource fill_common(AppendParams& p, const Tensor& k, const Tensor& v, cons
   p.vc_stride_h = v_cache.stride(2) * cache_unit;
   p.num_pages = k_cache.size(0);
   p.page_size = k_cache.size(1);
-  set_scale("k_scale", k_scale, !copy, k_cache, p.k_scale, p.k_scale_stride);
-  set_scale("v_scale", v_scale, !copy, k_cache, p.v_scale, p.v_scale_stride);
+  set_scale("k_scale", k_scale, quantize, k_cache, p.k_scale, p.k_scale_stride);
+  set_scale("v_scale", v_scale, quantize, k_cache, p.v_scale, p.v_scale_stride);
   p.batch = static_cast<int32_t>(batch);
   p.seq_new = static_cast<int32_t>(seq_new);
   p.num_heads = static_cast<int32_t>(heads);
@@ -137,10 +177,13 @@ void launch(const AppendParams& p, AppendSource source, AppendMode mode, bool sl
 // skips a token that falls in no sequence.
 void append_kv(const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_cache, const Tensor& cache_seqlens,
                const std::optional<Tensor>& block_table, const std::optional<Tensor>& k_scale,
-               const std::optional<Tensor>& v_scale, const std::optional<Tensor>& cu_seqlens) {
+               const std::optional<Tensor>& v_scale, const std::optional<Tensor>& cu_seqlens,
+               const std::optional<Tensor>& rotary_cos, const std::optional<Tensor>& rotary_sin,
+               bool rotary_interleaved) {
   AppendParams p{};
   const bool ragged = cu_seqlens.has_value();
-  const AppendSource source = fill_common(p, k, v, k_cache, v_cache, k_scale, v_scale, /*token_rows=*/ragged);
+  const AppendSource source = fill_common(p, k, v, k_cache, v_cache, k_scale, v_scale, /*token_rows=*/ragged,
+                                          rotary_cos, rotary_sin, rotary_interleaved);
   int64_t batch = k.size(0);
   if (ragged) {
     const Tensor& cu = *cu_seqlens;
@@ -179,11 +222,28 @@ void append_kv(const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_cach
   launch(p, source, mode, false, k_cache);
 }
 
-// k/v [T, Hkv, D]; caches [num_pages, page_size, Hkv, D]; slot_mapping [T] int32/int64.
+// k/v [T, Hkv, D]; caches [num_pages, page_size, Hkv, D]; slot_mapping [T] int32/int64; positions [T]
+// int32/int64 (rotary only: token t's position).
 void append_kv_slots(const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_cache, const Tensor& slot_mapping,
-                     const std::optional<Tensor>& k_scale, const std::optional<Tensor>& v_scale) {
+                     const std::optional<Tensor>& k_scale, const std::optional<Tensor>& v_scale,
+                     const std::optional<Tensor>& positions, const std::optional<Tensor>& rotary_cos,
+                     const std::optional<Tensor>& rotary_sin, bool rotary_interleaved) {
   AppendParams p{};
-  const AppendSource source = fill_common(p, k, v, k_cache, v_cache, k_scale, v_scale, /*token_rows=*/true);
+  const AppendSource source = fill_common(p, k, v, k_cache, v_cache, k_scale, v_scale, /*token_rows=*/true,
+                                          rotary_cos, rotary_sin, rotary_interleaved);
+  if (p.rotary_cos != nullptr) {
+    TORCH_CHECK(positions.has_value(), "positions [T] is required with rotary_cos/rotary_sin");
+    const Tensor& pos = *positions;
+    check_device(kOp, "positions", pos, k_cache);
+    TORCH_CHECK((pos.scalar_type() == at::kInt || pos.scalar_type() == at::kLong) && pos.dim() == 1 &&
+                    pos.size(0) == k.size(0),
+                "positions must be int32 or int64 [T = ", k.size(0), "], got ", pos.scalar_type(), " ", pos.sizes());
+    p.positions = pos.data_ptr();
+    p.positions_stride = pos.stride(0);
+    p.positions_int64 = pos.scalar_type() == at::kLong ? 1 : 0;
+  } else {
+    TORCH_CHECK(!positions.has_value(), "positions is only used with rotary_cos/rotary_sin");
+  }
   check_device(kOp, "slot_mapping", slot_mapping, k_cache);
   const bool int64 = slot_mapping.scalar_type() == at::kLong;
   TORCH_CHECK((int64 || slot_mapping.scalar_type() == at::kInt) && slot_mapping.dim() == 1 &&
@@ -200,9 +260,11 @@ void append_kv_slots(const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& 
 
 TORCH_LIBRARY_FRAGMENT(KVK_OPS_NAMESPACE, m) {
   m.def("append_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
-        "Tensor? block_table, Tensor? k_scale, Tensor? v_scale, Tensor? cu_seqlens=None) -> ()");
+        "Tensor? block_table, Tensor? k_scale, Tensor? v_scale, Tensor? cu_seqlens=None, "
+        "Tensor? rotary_cos=None, Tensor? rotary_sin=None, bool rotary_interleaved=False) -> ()");
   m.def("append_kv_slots(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, "
-        "Tensor? k_scale, Tensor? v_scale) -> ()");
+        "Tensor? k_scale, Tensor? v_scale, Tensor? positions=None, Tensor? rotary_cos=None, "
+        "Tensor? rotary_sin=None, bool rotary_interleaved=False) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(KVK_OPS_NAMESPACE, KVK_OPS_DISPATCH, m) {

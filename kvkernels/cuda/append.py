@@ -11,7 +11,10 @@ the call to Triton):
     == 0: D % 8 for fp16/bf16, D % 16 for fp8, D % 4 for fp32), any number of heads;
   * any strides, as long as every tensor (k, v, k_cache, v_cache) starts 16-byte aligned, its last
     dimension is contiguous and every other stride of a dimension longer than 1 is a multiple of
-    16 bytes: each thread moves one 16-byte vector.
+    16 bytes: each thread moves one 16-byte vector;
+  * a fused rotary embedding of the keys (rotary_cos/rotary_sin, any rotary_dim <= D) for float16,
+    bfloat16 and float32 keys, into caches of their dtype or fp8, bit-exact with
+    kvkernels.reference.rotary_fp32 (an extension built before rotary declines these calls).
 """
 
 from __future__ import annotations
@@ -30,6 +33,13 @@ _MAX_GRID_Y = 65535
 
 
 @functools.lru_cache(maxsize=None)
+def _has_rotary(device_type: str) -> bool:
+    """An extension built before the rotary kernels has no rotary_cos argument."""
+    schema = ops(torch.device(device_type)).append_kv.default._schema
+    return any(a.name == "rotary_cos" for a in schema.arguments)
+
+
+@functools.lru_cache(maxsize=None)
 def _has_ragged(device_type: str) -> bool:
     """An extension built before ragged appends has no cu_seqlens argument: auto selection then
     gives ragged calls to Triton instead of failing in the raw op."""
@@ -37,12 +47,14 @@ def _has_ragged(device_type: str) -> bool:
     return any(a.name == "cu_seqlens" for a in schema.arguments)
 
 
-def unsupported(op: str, *, k, k_cache, v=None, v_cache=None, ragged=False, **_) -> str | None:
+def unsupported(op: str, *, k, k_cache, v=None, v_cache=None, ragged=False, rotary_cos=None, **_) -> str | None:
     op_name = "append_kv" if op == "append" else "append_kv_slots"
     tensors = {"k": k, "v": v, "k_cache": k_cache, "v_cache": v_cache}
     reason = device_reason(op_name, tensors)
     if reason:
         return reason
+    if rotary_cos is not None and not _has_rotary(k_cache.device.type):
+        return "this build of the extension has no fused rotary append kernel (rebuild it)"
     if ragged and not _has_ragged(k_cache.device.type):
         return "this build of the extension has no ragged append_kv kernel (rebuild it)"
     if k_cache.dtype in _FP8:
@@ -65,17 +77,27 @@ def unsupported(op: str, *, k, k_cache, v=None, v_cache=None, ragged=False, **_)
     return None
 
 
-def append(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, cu_seqlens=None) -> None:
+def append(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, cu_seqlens=None,
+           rotary_cos=None, rotary_sin=None, rotary_interleaved=False) -> None:
     """k/v [B, S_new, Hkv, D], or ragged [T, Hkv, D] with cu_seqlens int32 [B + 1]; caches [B, S_max, Hkv, D]
     or paged [pages, page_size, Hkv, D] with block_table int32 [B, max_pages]; cache_seqlens int32 [B];
-    k_scale/v_scale fp32 [Hkv] (fp8)."""
-    if cu_seqlens is None:  # the dense call keeps working with an extension built before the ragged kernels
+    k_scale/v_scale fp32 [Hkv] (fp8); rotary_cos/rotary_sin [max_position, rotary_dim / 2]."""
+    if rotary_cos is not None:
+        ops(k_cache.device).append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale,
+                                      cu_seqlens, rotary_cos, rotary_sin, rotary_interleaved)
+    elif cu_seqlens is None:  # the dense call keeps working with an extension built before the ragged kernels
         ops(k_cache.device).append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale)
     else:
         ops(k_cache.device).append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale,
                                       cu_seqlens)
 
 
-def append_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None:
-    """k/v [T, Hkv, D]; caches [pages, page_size, Hkv, D]; slot_mapping int32/int64 [T], s < 0 skipped."""
-    ops(k_cache.device).append_kv_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+def append_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, positions=None, rotary_cos=None,
+                 rotary_sin=None, rotary_interleaved=False) -> None:
+    """k/v [T, Hkv, D]; caches [pages, page_size, Hkv, D]; slot_mapping int32/int64 [T], s < 0 skipped;
+    rotary: key t rotated at positions[t] (int32/int64 [T])."""
+    if rotary_cos is not None:
+        ops(k_cache.device).append_kv_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, positions,
+                                            rotary_cos, rotary_sin, rotary_interleaved)
+    else:
+        ops(k_cache.device).append_kv_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
