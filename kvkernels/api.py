@@ -248,6 +248,48 @@ def _softcap(softcap) -> float:
     return float(softcap)
 
 
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's names
+
+
+def _cache_storage(k_cache, v_cache, kv_cache_dtype):
+    """vLLM's kv_cache_dtype: "auto" takes the caches as they are; "fp8"/"fp8_e4m3" reads uint8 storage
+    as float8_e4m3fn (a zero-copy .view, so appends land in the caller's tensor). e5m2 has no kernel
+    yet, and the oracle reads e4m3 only: a clear NotImplementedError rather than a wrong reading."""
+    if not isinstance(kv_cache_dtype, str) or kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES} (vLLM's names), got {kv_cache_dtype!r}")
+    e5m2 = getattr(torch, "float8_e5m2", None)
+    named = (("k_cache", k_cache), ("v_cache", v_cache))
+    if kv_cache_dtype == "fp8_e5m2" or any(isinstance(c, torch.Tensor) and c.dtype == e5m2 for _, c in named):
+        raise NotImplementedError("fp8 e5m2 KV caches (kv_cache_dtype='fp8_e5m2', torch.float8_e5m2) are not "
+                                  "supported yet: kvkernels reads fp8 caches as e4m3 (kv_cache_dtype='fp8' or "
+                                  "'fp8_e4m3' on uint8 storage, or torch.float8_e4m3fn tensors)")
+    out = []
+    for name, c in named:
+        if isinstance(c, torch.Tensor):
+            if kv_cache_dtype == "auto" and c.dtype == torch.uint8:
+                raise TypeError(f"{name} is uint8 storage: pass kv_cache_dtype='fp8' (e4m3) to read it as fp8")
+            if kv_cache_dtype != "auto":
+                if c.dtype == torch.uint8:
+                    c = c.view(torch.float8_e4m3fn)
+                elif c.dtype != torch.float8_e4m3fn:
+                    raise TypeError(f"kv_cache_dtype={kv_cache_dtype!r} reads {name} as fp8 e4m3: it must be uint8 "
+                                    f"storage or float8_e4m3fn, got {str(c.dtype).replace('torch.', '')}")
+        out.append(c)
+    return out[0], out[1]
+
+
+def _per_q_head(scale, hq: int, hkv: int) -> torch.Tensor:
+    """fp32 [Hkv] -> [Hq, 1] (query head h reads KV head h // (Hq / Hkv))."""
+    return scale.repeat_interleave(hq // hkv).unsqueeze(-1)
+
+
+def _scale_rows(x: torch.Tensor, scale, op) -> torch.Tensor:
+    """x [..., H, D] times / divided by scale [H, 1], in fp32 (fp64 for fp64 x), rounded back to x's dtype.
+    A scale of 1 changes no bit."""
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    return op(wide, scale.to(wide.dtype)).to(x.dtype)
+
+
 def prefill_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens_q=None, cu_seqlens_k=None,
                       max_seqlen_q=None, max_seqlen_k=None, window_size=(-1, -1), softcap=0.0,
                       return_lse=False, backend=None):
@@ -322,18 +364,24 @@ def prefill_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens_q
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, softmax_scale=None, window_left=-1,
-                     softcap=0.0, k_scale=None, v_scale=None, num_splits=0, return_lse=False, backend=None):
+                     softcap=0.0, k_scale=None, v_scale=None, num_splits=0, return_lse=False, kv_cache_dtype="auto",
+                     backend=None):
     """One query token per sequence against its KV cache.
 
     q [B, Hq, D]; cache_seqlens int32 [B]: sequence b attends to positions [0, cache_seqlens[b]).
     contiguous: k_cache/v_cache [B, S_max, Hkv, D]
     paged:      k_cache/v_cache [num_pages, page_size, Hkv, D], block_table int32 [B, max_pages];
                 position p of sequence b is row p % page_size of page block_table[b, p // page_size].
-    window_left >= 0: only the last window_left + 1 positions are seen. fp8 (float8_e4m3fn) caches hold
-    value / scale; k_scale/v_scale are numbers or fp32 tensors of shape [] or [Hkv] (default 1), > 0.
+    window_left >= 0: only the last window_left + 1 positions are seen. A cache holds value / scale:
+    k_scale/v_scale are numbers or fp32 tensors of shape [] or [Hkv] (default 1), > 0. fp8
+    (float8_e4m3fn) caches are dequantized in the kernels; with a 16-bit cache (vLLM passes 1.0) a scale
+    other than the number 1.0 multiplies q by k_scale and out by v_scale (in fp32, per head).
+    kv_cache_dtype: "auto", or vLLM's "fp8"/"fp8_e4m3" to read uint8 caches as float8_e4m3fn (a view);
+    "fp8_e5m2" raises NotImplementedError.
     -> out [B, Hq, D] in q's dtype (+ lse [B, Hq] fp32). An empty sequence gives out 0, lse -inf.
     num_splits: 0 = heuristic, n >= 1 forces n KV splits.
     """
+    k_cache, v_cache = _cache_storage(k_cache, v_cache, kv_cache_dtype)
     V.tensor("q", q, rank=3, dtypes=V.FLOAT_DTYPES)
     device = q.device
     V.cache_pair(k_cache, v_cache, device)
@@ -351,27 +399,33 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, so
     V.scalar("num_splits", num_splits, kind=int, minimum=0)
     scale = _default_scale(softmax_scale, d)
     softcap = _softcap(softcap)
+    k_fold, v_fold = V.unquantized_scales(k_scale, v_scale, k_cache.dtype, hkv, device)
     k_scale, v_scale = V.fp8_scales(k_scale, v_scale, k_cache.dtype, hkv, device)
     V.cache_index_values(k_cache, cache_seqlens, block_table, extra=0)
 
     backend = resolve_backend("decode", backend, device, q=q, k_cache=k_cache, v_cache=v_cache,
                               paged=block_table is not None, block_table=block_table, window_left=window_left,
                               softcap=softcap)
+    if k_fold is not None:
+        q = _scale_rows(q, _per_q_head(k_fold, hq, hkv), torch.mul)
     out, lse = torch.ops.kvkernels.decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, scale,
                                                     window_left, softcap, k_scale, v_scale, num_splits,
                                                     config.batch_invariant(), backend)
+    if v_fold is not None:
+        out = _scale_rows(out, _per_q_head(v_fold, hq, hkv), torch.mul)
     return (out, lse) if return_lse else out
 
 
 def cache_attention(q, k_cache, v_cache, cache_seqlens, *, cu_seqlens_q=None, max_seqlen_q=None, block_table=None,
                     causal=True, softmax_scale=None, window_left=-1, softcap=0.0, k_scale=None, v_scale=None,
-                    num_splits=0, return_lse=False, backend=None):
+                    num_splits=0, return_lse=False, kv_cache_dtype="auto", backend=None):
     """Several new query tokens per sequence against its KV cache (chunked prefill, speculative
     verification, prefix reuse, mixed batches of decodes and prefills).
 
     dense q [B, Sq, Hq, D] (n_b = Sq for every sequence), or ragged q [Tq, Hq, D] with cu_seqlens_q
     int32 [B+1] (sequence b's queries are rows cu[b]..cu[b+1]-1; n_b may be 0). k_cache/v_cache,
-    cache_seqlens, block_table, k_scale/v_scale, softcap, softmax_scale, num_splits: as decode_attention.
+    cache_seqlens, block_table, k_scale/v_scale, kv_cache_dtype, softcap, softmax_scale, num_splits: as
+    decode_attention.
     The cache already holds these queries' keys and values: cache_seqlens[b] counts sequence b's
     tokens including its n_b new ones, and query i sits at position p = cache_seqlens[b] - n_b + i.
     causal=True: it sees positions [0, p]; causal=False: [0, cache_seqlens[b]). window_left >= 0:
@@ -385,6 +439,7 @@ def cache_attention(q, k_cache, v_cache, cache_seqlens, *, cu_seqlens_q=None, ma
     mode); a sequence with cache_seqlens[b] == 0 is an idle slot whose queries see nothing, as in
     decode_attention. Unchecked, a query with p < 0 sees nothing.
     """
+    k_cache, v_cache = _cache_storage(k_cache, v_cache, kv_cache_dtype)
     V.tensor("q", q, rank=(3, 4), dtypes=V.FLOAT_DTYPES)
     device = q.device
     ragged = q.dim() == 3
@@ -419,6 +474,7 @@ def cache_attention(q, k_cache, v_cache, cache_seqlens, *, cu_seqlens_q=None, ma
     V.scalar("num_splits", num_splits, kind=int, minimum=0)
     scale = _default_scale(softmax_scale, d)
     softcap = _softcap(softcap)
+    k_fold, v_fold = V.unquantized_scales(k_scale, v_scale, k_cache.dtype, hkv, device)
     k_scale, v_scale = V.fp8_scales(k_scale, v_scale, k_cache.dtype, hkv, device)
     V.cache_index_values(k_cache, cache_seqlens, block_table, extra=0)
     V.query_counts(cache_seqlens, cu_seqlens_q, max_seqlen_q if ragged else None, None if ragged else q.shape[1])
@@ -426,9 +482,13 @@ def cache_attention(q, k_cache, v_cache, cache_seqlens, *, cu_seqlens_q=None, ma
     backend = resolve_backend("cache_attention", backend, device, q=q, k_cache=k_cache, v_cache=v_cache,
                               paged=block_table is not None, block_table=block_table, ragged=ragged,
                               causal=causal, window_left=window_left, softcap=softcap)
+    if k_fold is not None:
+        q = _scale_rows(q, _per_q_head(k_fold, hq, hkv), torch.mul)
     out, lse = torch.ops.kvkernels.cache_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q,
                                                    block_table, causal, scale, window_left, softcap, k_scale,
                                                    v_scale, num_splits, config.batch_invariant(), backend)
+    if v_fold is not None:
+        out = _scale_rows(out, _per_q_head(v_fold, hq, hkv), torch.mul)
     return (out, lse) if return_lse else out
 
 
@@ -446,7 +506,7 @@ def _append_sources(k, v, k_cache, device, rank):
 
 
 def append_kv(k, v, k_cache, v_cache, cache_seqlens, *, block_table=None, k_scale=None, v_scale=None,
-              cu_seqlens=None, backend=None) -> None:
+              cu_seqlens=None, kv_cache_dtype="auto", backend=None) -> None:
     """Write new keys/values into the cache in place.
 
     dense:  k/v [B, S_new, Hkv, D]
@@ -454,11 +514,14 @@ def append_kv(k, v, k_cache, v_cache, cache_seqlens, *, block_table=None, k_scal
             tokens are rows cu_seqlens[b] .. cu_seqlens[b+1] - 1 (n_b may be 0), so a batch mixing
             1-token decodes and long prompt chunks appends in one launch.
     Token i of sequence b goes to position cache_seqlens[b] + i (through block_table when paged).
-    cache_seqlens is not modified. fp8 caches store saturate(value / scale). Nothing outside the
-    written slots changes, bit for bit. Index values (cu_seqlens offsets, capacity per sequence, pages,
+    cache_seqlens is not modified. fp8 caches store saturate(value / scale); 16-bit caches given a scale
+    other than the number 1.0 store value / scale rounded to the cache dtype (a scale of 1 is exact).
+    kv_cache_dtype: as decode_attention ("fp8" writes uint8 storage through a float8_e4m3fn view).
+    Nothing outside the written slots changes, bit for bit. Index values (cu_seqlens offsets, capacity per sequence, pages,
     a slot written twice through a shared page) are checked where that costs no device sync (CPU
     tensors, or checked mode); a call that fails validation writes nothing.
     """
+    k_cache, v_cache = _cache_storage(k_cache, v_cache, kv_cache_dtype)
     if not isinstance(k_cache, torch.Tensor):
         raise TypeError(f"k_cache must be a torch.Tensor, got {type(k_cache).__name__}")
     device = k_cache.device
@@ -480,22 +543,29 @@ def append_kv(k, v, k_cache, v_cache, cache_seqlens, *, block_table=None, k_scal
         B, s_new = k.shape[:2]
     hkv = k_cache.shape[2]
     V.cache_indexing(k_cache, cache_seqlens, block_table, B, device)
+    k_fold, v_fold = V.unquantized_scales(k_scale, v_scale, k_cache.dtype, hkv, device)
     k_scale, v_scale = V.fp8_scales(k_scale, v_scale, k_cache.dtype, hkv, device)
     V.append_index_values(k_cache, cache_seqlens, block_table, cu_seqlens, s_new, k.shape[0])
 
     backend = resolve_backend("append", backend, device, k=k, v=v, k_cache=k_cache, v_cache=v_cache,
                               paged=block_table is not None, ragged=ragged)
+    if k_fold is not None:
+        k = _scale_rows(k, k_fold.unsqueeze(-1), torch.div)
+    if v_fold is not None:
+        v = _scale_rows(v, v_fold.unsqueeze(-1), torch.div)
     torch.ops.kvkernels.append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, backend,
                                   cu_seqlens)
 
 
-def append_kv_slots(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None, backend=None) -> None:
+def append_kv_slots(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None, kv_cache_dtype="auto",
+                    backend=None) -> None:
     """Write token t at slot slot_mapping[t], in place (vLLM's reshape_and_cache).
 
     k/v [T, Hkv, D]; slot_mapping int32/int64 [T]; slot s -> page s // page_size, row s % page_size of a
     [num_pages, page_size, Hkv, D] cache (a contiguous [B, S_max, Hkv, D] cache is addressed as its
-    flattened B * S_max rows). Negative slots are skipped.
+    flattened B * S_max rows). Negative slots are skipped. k_scale/v_scale and kv_cache_dtype as append_kv.
     """
+    k_cache, v_cache = _cache_storage(k_cache, v_cache, kv_cache_dtype)
     if not isinstance(k_cache, torch.Tensor):
         raise TypeError(f"k_cache must be a torch.Tensor, got {type(k_cache).__name__}")
     device = k_cache.device
@@ -503,6 +573,7 @@ def append_kv_slots(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_sca
     _append_sources(k, v, k_cache, device, rank=3)
     V.tensor("slot_mapping", slot_mapping, rank=1, dtypes=(torch.int32, torch.int64), device=device)
     V.shape("slot_mapping", slot_mapping, (k.shape[0],), "one slot per token")
+    k_fold, v_fold = V.unquantized_scales(k_scale, v_scale, k_cache.dtype, k_cache.shape[2], device)
     k_scale, v_scale = V.fp8_scales(k_scale, v_scale, k_cache.dtype, k_cache.shape[2], device)
     if V.values_checkable(slot_mapping) and slot_mapping.numel():
         slot_mapping_host = V.host_copies(slot_mapping)[0]
@@ -516,6 +587,10 @@ def append_kv_slots(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_sca
 
     backend = resolve_backend("append_slots", backend, device, k=k, v=v, k_cache=k_cache, v_cache=v_cache,
                               paged=True)
+    if k_fold is not None:
+        k = _scale_rows(k, k_fold.unsqueeze(-1), torch.div)
+    if v_fold is not None:
+        v = _scale_rows(v, v_fold.unsqueeze(-1), torch.div)
     torch.ops.kvkernels.append_kv_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, backend)
 
 
