@@ -278,14 +278,22 @@ def _cache_storage(k_cache, v_cache, kv_cache_dtype):
     return out[0], out[1]
 
 
-def _per_q_head(scale, hq: int, hkv: int) -> torch.Tensor:
-    """fp32 [Hkv] -> [Hq, 1] (query head h reads KV head h // (Hq / Hkv))."""
-    return scale.repeat_interleave(hq // hkv).unsqueeze(-1)
+def _attention_scales(k_scale, v_scale, cache_dtype, hkv: int, device):
+    """fp32 [Hkv] scales for the kernels, which fold them into the score scale and the output (in fp32):
+    always for fp8 caches; for another cache only when a scale other than the number 1.0 is given
+    (then both, the missing one as 1), else (None, None): nothing to apply, nothing loaded."""
+    if cache_dtype in V.FP8_DTYPES:
+        return V.fp8_scales(k_scale, v_scale, cache_dtype, hkv, device)
+    k_scale, v_scale = V.unquantized_scales(k_scale, v_scale, cache_dtype, hkv, device)
+    if k_scale is None and v_scale is None:
+        return None, None
+    one = torch.ones((), dtype=torch.float32, device=device).expand(hkv)  # a fill: capturable in CUDA graphs
+    return (one if k_scale is None else k_scale), (one if v_scale is None else v_scale)
 
 
 def _scale_rows(x: torch.Tensor, scale, op) -> torch.Tensor:
-    """x [..., H, D] times / divided by scale [H, 1], in fp32 (fp64 for fp64 x), rounded back to x's dtype.
-    A scale of 1 changes no bit."""
+    """x [..., Hkv, D] times / divided by scale [Hkv, 1], in fp32 (fp64 for fp64 x), rounded once to x's
+    dtype. A scale of 1 changes no bit."""
     wide = x.to(torch.promote_types(x.dtype, torch.float32))
     return op(wide, scale.to(wide.dtype)).to(x.dtype)
 
@@ -373,9 +381,10 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, so
     paged:      k_cache/v_cache [num_pages, page_size, Hkv, D], block_table int32 [B, max_pages];
                 position p of sequence b is row p % page_size of page block_table[b, p // page_size].
     window_left >= 0: only the last window_left + 1 positions are seen. A cache holds value / scale:
-    k_scale/v_scale are numbers or fp32 tensors of shape [] or [Hkv] (default 1), > 0. fp8
-    (float8_e4m3fn) caches are dequantized in the kernels; with a 16-bit cache (vLLM passes 1.0) a scale
-    other than the number 1.0 multiplies q by k_scale and out by v_scale (in fp32, per head).
+    k_scale/v_scale are numbers or fp32 tensors of shape [] or [Hkv] (default 1), > 0, for fp8
+    (float8_e4m3fn) caches and 16-bit ones alike (vLLM passes them for every cache); the kernels fold
+    them into the score scale and the output in fp32. The number 1.0 (or None) with a 16-bit cache
+    costs nothing; a tensor is loaded once per head (1.0 is exact).
     kv_cache_dtype: "auto", or vLLM's "fp8"/"fp8_e4m3" to read uint8 caches as float8_e4m3fn (a view);
     "fp8_e5m2" raises NotImplementedError.
     -> out [B, Hq, D] in q's dtype (+ lse [B, Hq] fp32). An empty sequence gives out 0, lse -inf.
@@ -399,20 +408,15 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, so
     V.scalar("num_splits", num_splits, kind=int, minimum=0)
     scale = _default_scale(softmax_scale, d)
     softcap = _softcap(softcap)
-    k_fold, v_fold = V.unquantized_scales(k_scale, v_scale, k_cache.dtype, hkv, device)
-    k_scale, v_scale = V.fp8_scales(k_scale, v_scale, k_cache.dtype, hkv, device)
+    k_scale, v_scale = _attention_scales(k_scale, v_scale, k_cache.dtype, hkv, device)
     V.cache_index_values(k_cache, cache_seqlens, block_table, extra=0)
 
     backend = resolve_backend("decode", backend, device, q=q, k_cache=k_cache, v_cache=v_cache,
                               paged=block_table is not None, block_table=block_table, window_left=window_left,
                               softcap=softcap)
-    if k_fold is not None:
-        q = _scale_rows(q, _per_q_head(k_fold, hq, hkv), torch.mul)
     out, lse = torch.ops.kvkernels.decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, scale,
                                                     window_left, softcap, k_scale, v_scale, num_splits,
                                                     config.batch_invariant(), backend)
-    if v_fold is not None:
-        out = _scale_rows(out, _per_q_head(v_fold, hq, hkv), torch.mul)
     return (out, lse) if return_lse else out
 
 
@@ -474,21 +478,16 @@ def cache_attention(q, k_cache, v_cache, cache_seqlens, *, cu_seqlens_q=None, ma
     V.scalar("num_splits", num_splits, kind=int, minimum=0)
     scale = _default_scale(softmax_scale, d)
     softcap = _softcap(softcap)
-    k_fold, v_fold = V.unquantized_scales(k_scale, v_scale, k_cache.dtype, hkv, device)
-    k_scale, v_scale = V.fp8_scales(k_scale, v_scale, k_cache.dtype, hkv, device)
+    k_scale, v_scale = _attention_scales(k_scale, v_scale, k_cache.dtype, hkv, device)
     V.cache_index_values(k_cache, cache_seqlens, block_table, extra=0)
     V.query_counts(cache_seqlens, cu_seqlens_q, max_seqlen_q if ragged else None, None if ragged else q.shape[1])
 
     backend = resolve_backend("cache_attention", backend, device, q=q, k_cache=k_cache, v_cache=v_cache,
                               paged=block_table is not None, block_table=block_table, ragged=ragged,
                               causal=causal, window_left=window_left, softcap=softcap)
-    if k_fold is not None:
-        q = _scale_rows(q, _per_q_head(k_fold, hq, hkv), torch.mul)
     out, lse = torch.ops.kvkernels.cache_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q,
                                                    block_table, causal, scale, window_left, softcap, k_scale,
                                                    v_scale, num_splits, config.batch_invariant(), backend)
-    if v_fold is not None:
-        out = _scale_rows(out, _per_q_head(v_fold, hq, hkv), torch.mul)
     return (out, lse) if return_lse else out
 
 
