@@ -1,16 +1,35 @@
 """Drop-in replacements for FlashAttention 2's inference functions, running on kvkernels.
 
-    from kvkernels.compat.flash_attn import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+    from kvkernels.compat.flash_attn import (flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache,
+        flash_attn_qkvpacked_func, flash_attn_kvpacked_func, flash_attn_varlen_qkvpacked_func,
+        flash_attn_varlen_kvpacked_func)
 
 Same signatures, shapes and semantics as flash_attn 2.x (causal masks bottom-right aligned,
 window_size=(left, right) with -1 unbounded, softcap, GQA by passing fewer K/V heads, lse in natural
-log). Forward only: no dropout, no backward. Arguments we do not implement raise
-NotImplementedError naming them (alibi_slopes, rotary_cos/rotary_sin, cache_batch_idx,
-cache_leftpad, dropout_p > 0) rather than being ignored.
+log, return_attn_probs -> (out, lse, None): the probabilities are not formed). Forward only.
+
+Supported beyond the three basic functions:
+  * flash_attn_with_kvcache: cache_batch_idx (contiguous cache: sequence b reads and writes row
+    cache_batch_idx[b]; rows distinct when appending), cache_leftpad (contiguous cache: sequence b's keys
+    start at position cache_leftpad[b] of its row; cache_seqlens counts from the row start, padding
+    included, as in FlashAttention; new k/v go at cache_seqlens[b] + i; masks count unpadded keys),
+    num_splits, return_softmax_lse, and out= (keyword, as vLLM's fork).
+  * flash_attn_varlen_func: block_table (paged k/v), seqused_k (keyword, vLLM's fork: sequence b uses the
+    first seqused_k[b] keys of its cu_seqlens_k span, or its paged length; cu_seqlens_k may then be None
+    when paged), out= (keyword). FlashAttention 2's positional order is kept (vLLM's fork reorders it).
+  * the packed forms take qkv [B, S, 3, H, D] / kv [B, Sk, 2, Hkv, D] (varlen: [T, 3, H, D] /
+    [Tk, 2, Hkv, D]) as strided views, without a copy: every backend reads strides (last dim contiguous).
+Raising NotImplementedError by name: dropout_p > 0, alibi_slopes, rotary_cos/rotary_sin; there is no
+backward. FlashAttention's own refusals are kept: cache_batch_idx or cache_leftpad with a block_table
+raise ValueError.
 
 flash_attn_with_kvcache paths:
   * k/v given: appended in place at cache_seqlens (kvkernels.append_kv; FlashAttention's
     cache_seqlens is the length *before* the append), then attention over cache_seqlens + S_new.
+  * cache_batch_idx / cache_leftpad: the contiguous cache is read as pages of itself (a view, no copy):
+    pages of P rows (P the largest divisor of S_max up to 256) for cache_batch_idx alone, one-row
+    pages with a leftpad; the block table is built on the device from the index tensors (no sync,
+    capturable in CUDA graphs), then the paths below run on that view.
   * Sq == 1 (decode): kvkernels.decode_attention straight on the cache (contiguous or paged),
     no copy; causal and window_size[1] change nothing for a single last-position query.
   * Sq > 1 (chunked prefill, speculative verification): kvkernels.cache_attention straight on the
@@ -20,8 +39,14 @@ flash_attn_with_kvcache paths:
     of the diagonal without causal (window_size[1] > 0), and, where the lengths are readable for
     free (CPU tensors), sequences holding fewer keys than queries (FlashAttention's rows that see
     no key); on a GPU those rows see nothing in cache_attention too.
+  * out=: the result is computed, then copied into out (checked before anything is written).
 
-flash_attn_varlen_func(block_table=...) runs cache_attention on the paged cache the same way.
+flash_attn_varlen_func(block_table=...) runs cache_attention on the paged cache the same way, and
+seqused_k over packed k/v reads them as one-row pages (k.unsqueeze(1), a view).
+
+Index values (cache_batch_idx range and repeats, leftpad within the length, appends within the row,
+seqused_k within its span) are checked where that costs no device sync (CPU tensors, checked mode),
+before anything is written.
 """
 
 from __future__ import annotations
