@@ -479,3 +479,34 @@ def test_e5m2_caches_are_refused_by_name(op):
     with pytest.raises(NotImplementedError, match="e5m2"):
         calls[op](e5m2)
     assert not raw.any() and not e5m2.view(torch.uint8).any()
+
+
+# ---------------------------------------------------------------------------------- torch.compile
+
+
+def test_compiled_vllm_conventions_and_row_view_match_eager():
+    # kv_cache_dtype and the 16-bit scales are resolved before the custom ops, and the row view of
+    # cache_batch_idx/cache_leftpad is plain tensor code: all of it traces with fullgraph=True.
+    gen = seeded(18)
+    raw_k = randn(3, 16, HKV, D, gen=gen).to(torch.float8_e4m3fn).view(torch.uint8)
+    raw_v = randn(3, 16, HKV, D, gen=gen).to(torch.float8_e4m3fn).view(torch.uint8)
+    k_cache, v_cache = randn(3, 16, HKV, D, gen=gen), randn(3, 16, HKV, D, gen=gen)
+    q, new = randn(2, 1, HQ, D, gen=gen), randn(2, 1, HKV, D, gen=gen)
+    lens, idx, pad = _i32(4, 9), _i32(2, 0), _i32(1, 3)
+    scale = torch.tensor([0.5, 2.0])
+
+    def step(q, new, raw_k, raw_v, k_cache, v_cache):
+        kvkernels.append_kv(new, new, raw_k[:2], raw_v[:2], lens, k_scale=scale, kv_cache_dtype="fp8")
+        a = kvkernels.decode_attention(q[:, 0], raw_k[:2], raw_v[:2], lens + 1, k_scale=scale, kv_cache_dtype="fp8")
+        b = fa.flash_attn_with_kvcache(q, k_cache, v_cache, k=new, v=new, cache_seqlens=lens, cache_batch_idx=idx,
+                                       cache_leftpad=pad)
+        c = kvkernels.decode_attention(q[:, 0], k_cache[:2], v_cache[:2], lens, k_scale=scale, v_scale=scale)
+        return a, b, c
+
+    copies = [t.clone() for t in (raw_k, raw_v, k_cache, v_cache)]
+    eager = step(q, new, raw_k, raw_v, k_cache, v_cache)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(q, new, *copies)
+    for got, want in zip(compiled, eager):
+        assert torch.equal(got, want)
+    for got, want in zip(copies, (raw_k, raw_v, k_cache, v_cache)):
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), "the compiled appends must write the caches"
