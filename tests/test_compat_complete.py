@@ -183,6 +183,10 @@ KVCACHE_BAD = {
     "out shape": (dict(out=torch.empty(2, 1, HQ, D + 1, dtype=FP16)), ValueError, r"out must have shape \[2, 1, 4, 64\]"),
     "out dtype": (dict(out=torch.empty(2, 1, HQ, D)), TypeError, "out must have q's dtype float16"),
     "out not a tensor": (dict(out=[0.0]), TypeError, "out must be a torch.Tensor"),
+    # the attention's own checks run before the append writes anything
+    "softcap negative": (dict(softcap=-1.0), ValueError, "softcap"),
+    "window below -1": (dict(window_size=(-2, 0)), ValueError, r"window_size\[0\]"),
+    "q dtype unlike the cache": (dict(q=randn(2, 1, HQ, D, dtype=torch.bfloat16)), TypeError, "q's dtype"),
 }
 
 

@@ -141,6 +141,24 @@ def _into(out, result):
     return out
 
 
+def _precheck_attention(q, k_cache, softmax_scale, window_size, softcap, num_splits):
+    """The attention's own argument checks, run before an append so that a bad argument writes nothing."""
+    from .. import validation as V
+    V.tensor("q", q, rank=4, dtypes=V.FLOAT_DTYPES)
+    V.tensor("k_cache", k_cache, rank=4, dtypes=V.FLOAT_DTYPES + V.FP8_DTYPES, device=q.device)
+    if k_cache.dtype != q.dtype and k_cache.dtype not in V.FP8_DTYPES:
+        raise TypeError(f"k_cache/v_cache must have q's dtype {q.dtype} or float8_e4m3fn, got {k_cache.dtype}")
+    if k_cache.shape[3] != q.shape[3]:
+        raise ValueError(f"k_cache/v_cache must have head dim {q.shape[3]} like q, got {k_cache.shape[3]}")
+    V.heads(q.shape[2], k_cache.shape[2], kv_name="k_cache")
+    api._default_scale(softmax_scale, q.shape[3])
+    api._softcap(softcap)
+    V.scalar("num_splits", num_splits, kind=int, minimum=0)
+    left, right = window_size
+    V.scalar("window_size[0]", left, kind=int, minimum=-1)
+    V.scalar("window_size[1]", right, kind=int, minimum=-1)
+
+
 def _index_vector(name, x, batch, device):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be an int32 tensor [B], got {type(x).__name__}")
@@ -439,6 +457,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                                                                  cache_leftpad)
         paged = True
     if k is not None:
+        _precheck_attention(q, k_cache, softmax_scale, _window(window_size), softcap, num_splits)
         k, v = _contig_last(k), _contig_last(v)
         api.append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table=block_table)
         total = cache_seqlens + k.shape[1]
