@@ -266,6 +266,56 @@ def _softcap(softcap) -> float:
     return float(softcap)
 
 
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's names
+
+
+def _cache_storage(k_cache, v_cache, kv_cache_dtype):
+    """vLLM's kv_cache_dtype: "auto" takes the caches as they are; "fp8"/"fp8_e4m3" reads uint8 storage
+    as float8_e4m3fn (a zero-copy .view, so appends land in the caller's tensor). e5m2 has no kernel
+    yet, and the oracle reads e4m3 only: a clear NotImplementedError rather than a wrong reading."""
+    if not isinstance(kv_cache_dtype, str) or kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES} (vLLM's names), got {kv_cache_dtype!r}")
+    e5m2 = getattr(torch, "float8_e5m2", None)
+    named = (("k_cache", k_cache), ("v_cache", v_cache))
+    if kv_cache_dtype == "fp8_e5m2" or any(isinstance(c, torch.Tensor) and c.dtype == e5m2 for _, c in named):
+        raise NotImplementedError("fp8 e5m2 KV caches (kv_cache_dtype='fp8_e5m2', torch.float8_e5m2) are not "
+                                  "supported yet: kvkernels reads fp8 caches as e4m3 (kv_cache_dtype='fp8' or "
+                                  "'fp8_e4m3' on uint8 storage, or torch.float8_e4m3fn tensors)")
+    out = []
+    for name, c in named:
+        if isinstance(c, torch.Tensor):
+            if kv_cache_dtype == "auto" and c.dtype == torch.uint8:
+                raise TypeError(f"{name} is uint8 storage: pass kv_cache_dtype='fp8' (e4m3) to read it as fp8")
+            if kv_cache_dtype != "auto":
+                if c.dtype == torch.uint8:
+                    c = c.view(torch.float8_e4m3fn)
+                elif c.dtype != torch.float8_e4m3fn:
+                    raise TypeError(f"kv_cache_dtype={kv_cache_dtype!r} reads {name} as fp8 e4m3: it must be uint8 "
+                                    f"storage or float8_e4m3fn, got {str(c.dtype).replace('torch.', '')}")
+        out.append(c)
+    return out[0], out[1]
+
+
+def _attention_scales(k_scale, v_scale, cache_dtype, hkv: int, device):
+    """fp32 [Hkv] scales for the kernels, which fold them into the score scale and the output (in fp32):
+    always for fp8 caches; for another cache only when a scale other than the number 1.0 is given
+    (then both, the missing one as 1), else (None, None): nothing to apply, nothing loaded."""
+    if cache_dtype in V.FP8_DTYPES:
+        return V.fp8_scales(k_scale, v_scale, cache_dtype, hkv, device)
+    k_scale, v_scale = V.unquantized_scales(k_scale, v_scale, cache_dtype, hkv, device)
+    if k_scale is None and v_scale is None:
+        return None, None
+    one = torch.ones((), dtype=torch.float32, device=device).expand(hkv)  # a fill: capturable in CUDA graphs
+    return (one if k_scale is None else k_scale), (one if v_scale is None else v_scale)
+
+
+def _scale_rows(x: torch.Tensor, scale, op) -> torch.Tensor:
+    """x [..., Hkv, D] times / divided by scale [Hkv, 1], in fp32 (fp64 for fp64 x), rounded once to x's
+    dtype. A scale of 1 changes no bit."""
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    return op(wide, scale.to(wide.dtype)).to(x.dtype)
+
+
 def prefill_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens_q=None, cu_seqlens_k=None,
                       max_seqlen_q=None, max_seqlen_k=None, window_size=(-1, -1), softcap=0.0,
                       return_lse=False, backend=None):
@@ -340,18 +390,25 @@ def prefill_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens_q
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, softmax_scale=None, window_left=-1,
-                     softcap=0.0, k_scale=None, v_scale=None, num_splits=0, return_lse=False, backend=None):
+                     softcap=0.0, k_scale=None, v_scale=None, num_splits=0, return_lse=False, kv_cache_dtype="auto",
+                     backend=None):
     """One query token per sequence against its KV cache.
 
     q [B, Hq, D]; cache_seqlens int32 [B]: sequence b attends to positions [0, cache_seqlens[b]).
     contiguous: k_cache/v_cache [B, S_max, Hkv, D]
     paged:      k_cache/v_cache [num_pages, page_size, Hkv, D], block_table int32 [B, max_pages];
                 position p of sequence b is row p % page_size of page block_table[b, p // page_size].
-    window_left >= 0: only the last window_left + 1 positions are seen. fp8 (float8_e4m3fn) caches hold
-    value / scale; k_scale/v_scale are numbers or fp32 tensors of shape [] or [Hkv] (default 1), > 0.
+    window_left >= 0: only the last window_left + 1 positions are seen. A cache holds value / scale:
+    k_scale/v_scale are numbers or fp32 tensors of shape [] or [Hkv] (default 1), > 0, for fp8
+    (float8_e4m3fn) caches and 16-bit ones alike (vLLM passes them for every cache); the kernels fold
+    them into the score scale and the output in fp32. The number 1.0 (or None) with a 16-bit cache
+    costs nothing; a tensor is loaded once per head (1.0 is exact).
+    kv_cache_dtype: "auto", or vLLM's "fp8"/"fp8_e4m3" to read uint8 caches as float8_e4m3fn (a view);
+    "fp8_e5m2" raises NotImplementedError.
     -> out [B, Hq, D] in q's dtype (+ lse [B, Hq] fp32). An empty sequence gives out 0, lse -inf.
     num_splits: 0 = heuristic, n >= 1 forces n KV splits.
     """
+    k_cache, v_cache = _cache_storage(k_cache, v_cache, kv_cache_dtype)
     V.tensor("q", q, rank=3, dtypes=V.FLOAT_DTYPES)
     device = q.device
     V.cache_pair(k_cache, v_cache, device)
@@ -369,7 +426,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, so
     V.scalar("num_splits", num_splits, kind=int, minimum=0)
     scale = _default_scale(softmax_scale, d)
     softcap = _softcap(softcap)
-    k_scale, v_scale = V.fp8_scales(k_scale, v_scale, k_cache.dtype, hkv, device)
+    k_scale, v_scale = _attention_scales(k_scale, v_scale, k_cache.dtype, hkv, device)
     V.cache_index_values(k_cache, cache_seqlens, block_table, extra=0)
 
     backend = resolve_backend("decode", backend, device, q=q, k_cache=k_cache, v_cache=v_cache,
@@ -383,13 +440,14 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, so
 
 def cache_attention(q, k_cache, v_cache, cache_seqlens, *, cu_seqlens_q=None, max_seqlen_q=None, block_table=None,
                     causal=True, softmax_scale=None, window_left=-1, softcap=0.0, k_scale=None, v_scale=None,
-                    num_splits=0, return_lse=False, backend=None):
+                    num_splits=0, return_lse=False, kv_cache_dtype="auto", backend=None):
     """Several new query tokens per sequence against its KV cache (chunked prefill, speculative
     verification, prefix reuse, mixed batches of decodes and prefills).
 
     dense q [B, Sq, Hq, D] (n_b = Sq for every sequence), or ragged q [Tq, Hq, D] with cu_seqlens_q
     int32 [B+1] (sequence b's queries are rows cu[b]..cu[b+1]-1; n_b may be 0). k_cache/v_cache,
-    cache_seqlens, block_table, k_scale/v_scale, softcap, softmax_scale, num_splits: as decode_attention.
+    cache_seqlens, block_table, k_scale/v_scale, kv_cache_dtype, softcap, softmax_scale, num_splits: as
+    decode_attention.
     The cache already holds these queries' keys and values: cache_seqlens[b] counts sequence b's
     tokens including its n_b new ones, and query i sits at position p = cache_seqlens[b] - n_b + i.
     causal=True: it sees positions [0, p]; causal=False: [0, cache_seqlens[b]). window_left >= 0:
@@ -403,6 +461,7 @@ def cache_attention(q, k_cache, v_cache, cache_seqlens, *, cu_seqlens_q=None, ma
     mode); a sequence with cache_seqlens[b] == 0 is an idle slot whose queries see nothing, as in
     decode_attention. Unchecked, a query with p < 0 sees nothing.
     """
+    k_cache, v_cache = _cache_storage(k_cache, v_cache, kv_cache_dtype)
     V.tensor("q", q, rank=(3, 4), dtypes=V.FLOAT_DTYPES)
     device = q.device
     ragged = q.dim() == 3
@@ -437,7 +496,7 @@ def cache_attention(q, k_cache, v_cache, cache_seqlens, *, cu_seqlens_q=None, ma
     V.scalar("num_splits", num_splits, kind=int, minimum=0)
     scale = _default_scale(softmax_scale, d)
     softcap = _softcap(softcap)
-    k_scale, v_scale = V.fp8_scales(k_scale, v_scale, k_cache.dtype, hkv, device)
+    k_scale, v_scale = _attention_scales(k_scale, v_scale, k_cache.dtype, hkv, device)
     V.cache_index_values(k_cache, cache_seqlens, block_table, extra=0)
     V.query_counts(cache_seqlens, cu_seqlens_q, max_seqlen_q if ragged else None, None if ragged else q.shape[1])
 
@@ -464,7 +523,8 @@ def _append_sources(k, v, k_cache, device, rank):
 
 
 def append_kv(k, v, k_cache, v_cache, cache_seqlens, *, block_table=None, k_scale=None, v_scale=None,
-              cu_seqlens=None, rotary_cos=None, rotary_sin=None, rotary_interleaved=False, backend=None) -> None:
+              cu_seqlens=None, rotary_cos=None, rotary_sin=None, rotary_interleaved=False,
+              kv_cache_dtype="auto", backend=None) -> None:
     """Write new keys/values into the cache in place.
 
     dense:  k/v [B, S_new, Hkv, D]
@@ -472,8 +532,10 @@ def append_kv(k, v, k_cache, v_cache, cache_seqlens, *, block_table=None, k_scal
             tokens are rows cu_seqlens[b] .. cu_seqlens[b+1] - 1 (n_b may be 0), so a batch mixing
             1-token decodes and long prompt chunks appends in one launch.
     Token i of sequence b goes to position cache_seqlens[b] + i (through block_table when paged).
-    cache_seqlens is not modified. fp8 caches store saturate(value / scale). Nothing outside the
-    written slots changes, bit for bit. Index values (cu_seqlens offsets, capacity per sequence, pages,
+    cache_seqlens is not modified. fp8 caches store saturate(value / scale); 16-bit caches given a scale
+    other than the number 1.0 store value / scale rounded to the cache dtype (a scale of 1 is exact).
+    kv_cache_dtype: as decode_attention ("fp8" writes uint8 storage through a float8_e4m3fn view).
+    Nothing outside the written slots changes, bit for bit. Index values (cu_seqlens offsets, capacity per sequence, pages,
     a slot written twice through a shared page) are checked where that costs no device sync (CPU
     tensors, or checked mode); a call that fails validation writes nothing.
 
@@ -486,6 +548,7 @@ def append_kv(k, v, k_cache, v_cache, cache_seqlens, *, block_table=None, k_scal
     stored as they are, in the same launch. Every position must be < max_position (checked with the
     other index values; unchecked, a token past the table is not written). Queries: apply_rotary.
     """
+    k_cache, v_cache = _cache_storage(k_cache, v_cache, kv_cache_dtype)
     if not isinstance(k_cache, torch.Tensor):
         raise TypeError(f"k_cache must be a torch.Tensor, got {type(k_cache).__name__}")
     device = k_cache.device
@@ -507,6 +570,7 @@ def append_kv(k, v, k_cache, v_cache, cache_seqlens, *, block_table=None, k_scal
         B, s_new = k.shape[:2]
     hkv = k_cache.shape[2]
     V.cache_indexing(k_cache, cache_seqlens, block_table, B, device)
+    k_fold, v_fold = V.unquantized_scales(k_scale, v_scale, k_cache.dtype, hkv, device)
     k_scale, v_scale = V.fp8_scales(k_scale, v_scale, k_cache.dtype, hkv, device)
     max_position = V.rotary_tables(rotary_cos, rotary_sin, k, "k", rotary_interleaved, device)
     V.append_index_values(k_cache, cache_seqlens, block_table, cu_seqlens, s_new, k.shape[0], max_position)
@@ -514,6 +578,15 @@ def append_kv(k, v, k_cache, v_cache, cache_seqlens, *, block_table=None, k_scal
     rotary = max_position is not None
     backend = resolve_backend("append", backend, device, k=k, v=v, k_cache=k_cache, v_cache=v_cache,
                               paged=block_table is not None, ragged=ragged, rotary_cos=rotary_cos if rotary else None)
+    if rotary and k_fold is not None:
+        # A scaled 16-bit cache stores rotate(k) / scale, rounded once: rotated here in fp32.
+        k = _rotate_and_divide(k, rotary_cos, rotary_sin, _token_positions(cache_seqlens, cu_seqlens, k),
+                               rotary_interleaved, k_fold)
+        rotary = False
+    elif k_fold is not None:
+        k = _scale_rows(k, k_fold.unsqueeze(-1), torch.div)
+    if v_fold is not None:
+        v = _scale_rows(v, v_fold.unsqueeze(-1), torch.div)
     if rotary:
         torch.ops.kvkernels.append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, backend,
                                       cu_seqlens, rotary_cos, rotary_sin, rotary_interleaved)
@@ -522,17 +595,34 @@ def append_kv(k, v, k_cache, v_cache, cache_seqlens, *, block_table=None, k_scal
                                       cu_seqlens)
 
 
+def _token_positions(cache_seqlens, cu_seqlens, k):
+    """Position of every new token (dense [B, S_new], ragged [T]) without reading values on the host."""
+    if cu_seqlens is None:
+        return cache_seqlens.long()[:, None] + torch.arange(k.shape[1], device=k.device)
+    starts = cu_seqlens.long()
+    seq = torch.repeat_interleave(torch.arange(starts.numel() - 1, device=k.device), starts[1:] - starts[:-1],
+                                  output_size=k.shape[0])
+    return cache_seqlens.long()[seq] + torch.arange(k.shape[0], device=k.device) - starts[seq]
+
+
+def _rotate_and_divide(k, cos, sin, positions, interleaved, scale):
+    from . import reference
+    return (reference.rotary_fp32(k, cos, sin, positions, interleaved) / scale.float().unsqueeze(-1)).to(k.dtype)
+
+
 def append_kv_slots(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None, positions=None,
-                    rotary_cos=None, rotary_sin=None, rotary_interleaved=False, backend=None) -> None:
+                    rotary_cos=None, rotary_sin=None, rotary_interleaved=False, kv_cache_dtype="auto",
+                    backend=None) -> None:
     """Write token t at slot slot_mapping[t], in place (vLLM's reshape_and_cache).
 
     k/v [T, Hkv, D]; slot_mapping int32/int64 [T]; slot s -> page s // page_size, row s % page_size of a
     [num_pages, page_size, Hkv, D] cache (a contiguous [B, S_max, Hkv, D] cache is addressed as its
-    flattened B * S_max rows). Negative slots are skipped.
+    flattened B * S_max rows). Negative slots are skipped. k_scale/v_scale and kv_cache_dtype as append_kv.
     rotary_cos/rotary_sin/rotary_interleaved: as append_kv, key t rotated at positions[t]; positions
     int32/int64 [T] is required with them (and only with them). A written token's position must be in
     [0, max_position) (checked where that costs no sync; unchecked, a token past the table is not written).
     """
+    k_cache, v_cache = _cache_storage(k_cache, v_cache, kv_cache_dtype)
     if not isinstance(k_cache, torch.Tensor):
         raise TypeError(f"k_cache must be a torch.Tensor, got {type(k_cache).__name__}")
     device = k_cache.device
@@ -540,6 +630,7 @@ def append_kv_slots(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_sca
     _append_sources(k, v, k_cache, device, rank=3)
     V.tensor("slot_mapping", slot_mapping, rank=1, dtypes=(torch.int32, torch.int64), device=device)
     V.shape("slot_mapping", slot_mapping, (k.shape[0],), "one slot per token")
+    k_fold, v_fold = V.unquantized_scales(k_scale, v_scale, k_cache.dtype, k_cache.shape[2], device)
     k_scale, v_scale = V.fp8_scales(k_scale, v_scale, k_cache.dtype, k_cache.shape[2], device)
     max_position = V.rotary_tables(rotary_cos, rotary_sin, k, "k", rotary_interleaved, device)
     rotary = max_position is not None
@@ -562,6 +653,13 @@ def append_kv_slots(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_sca
 
     backend = resolve_backend("append_slots", backend, device, k=k, v=v, k_cache=k_cache, v_cache=v_cache,
                               paged=True, rotary_cos=rotary_cos if rotary else None)
+    if rotary and k_fold is not None:
+        k = _rotate_and_divide(k, rotary_cos, rotary_sin, positions, rotary_interleaved, k_fold)
+        rotary = False
+    elif k_fold is not None:
+        k = _scale_rows(k, k_fold.unsqueeze(-1), torch.div)
+    if v_fold is not None:
+        v = _scale_rows(v, v_fold.unsqueeze(-1), torch.div)
     if rotary:
         torch.ops.kvkernels.append_kv_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, backend,
                                             positions, rotary_cos, rotary_sin, rotary_interleaved)

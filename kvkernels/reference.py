@@ -8,7 +8,8 @@ tests/test_reference.py.
 Arguments arrive already validated and normalised by kvkernels.api:
   softmax_scale   float (never None)
   window          (left, right), -1 = unbounded; causal already folded into right (right <= 0)
-  k_scale/v_scale fp32 [Hkv] (stride may be 0) for fp8 caches, None otherwise
+  k_scale/v_scale fp32 [Hkv] (stride may be 0) for fp8 caches, for other attended caches when given
+                  (value = stored * scale), else None
 """
 
 from __future__ import annotations
@@ -122,10 +123,12 @@ def prefill_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens_q
 
 
 def dequantize(cache: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """cache [..., Hkv, D] -> values in `dtype`; fp8 storage is stored * scale[h]."""
-    if cache.dtype in FP8_DTYPES:
-        s = scale.to(torch.float32).reshape(-1).expand(cache.shape[-2])
-        return (cache.to(torch.float32) * s.unsqueeze(-1)).to(dtype)
+    """cache [..., Hkv, D] -> values in `dtype`: stored * scale[h] (fp8 storage always; other caches
+    when a scale is given), multiplied in fp32 (fp64 for fp64 caches)."""
+    if cache.dtype in FP8_DTYPES or scale is not None:
+        wide = torch.float32 if cache.dtype in FP8_DTYPES else torch.promote_types(cache.dtype, torch.float32)
+        s = scale.to(wide).reshape(-1).expand(cache.shape[-2])
+        return (cache.to(wide) * s.unsqueeze(-1)).to(dtype)
     return cache.to(dtype)
 
 

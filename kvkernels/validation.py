@@ -106,32 +106,48 @@ def cache_pair(k_cache, v_cache, device) -> tuple[torch.Tensor, torch.Tensor]:
     return k_cache, v_cache
 
 
+def _scale(name: str, s, hkv: int, device) -> torch.Tensor:
+    """One scale: a number or an fp32 tensor of shape [] or [Hkv], finite and > 0 -> fp32 [Hkv]
+    (stride 0 for a per-tensor scale)."""
+    if isinstance(s, (int, float)) and not isinstance(s, bool):
+        if not (math.isfinite(s) and s > 0):
+            raise ValueError(f"{name} must be finite and > 0, got {s}")
+        s = torch.full((), float(s), dtype=torch.float32, device=device)  # a fill: capturable in CUDA graphs
+    elif not isinstance(s, torch.Tensor):
+        raise TypeError(f"{name} must be a number or an fp32 tensor of shape [] or [{hkv}], "
+                        f"got {type(s).__name__}")
+    tensor(name, s, rank=(0, 1), dtypes=(torch.float32,), device=device)
+    if s.dim() == 1 and s.shape[0] not in (1, hkv):
+        raise ValueError(f"{name} must have shape [] or [{hkv}] (per tensor or per KV head), got {list(s.shape)}")
+    if values_checkable(s):
+        vals = host_copies(s)[0]
+        if not bool(torch.isfinite(vals).all()) or bool((vals <= 0).any()):
+            raise ValueError(f"{name} must be finite and > 0, got {vals.tolist()}")
+    return s.reshape(-1).expand(hkv)
+
+
 def fp8_scales(k_scale, v_scale, cache_dtype, hkv: int, device):
-    """Normalise scales: fp32 [Hkv] views (stride 0 for a per-tensor scale) for fp8 caches."""
+    """Normalise scales: fp32 [Hkv] views (stride 0 for a per-tensor scale) for fp8 caches (default 1);
+    (None, None) for other caches, whose scales (see unquantized_scales) are applied outside the kernels."""
     if cache_dtype not in FP8_DTYPES:
-        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
-            if s is not None:
-                raise ValueError(f"{name} is only used with a float8_e4m3fn cache; the cache is {cache_dtype}")
+        return None, None
+    return tuple(_scale(name, torch.ones((), dtype=torch.float32, device=device) if s is None else s, hkv, device)
+                 for name, s in (("k_scale", k_scale), ("v_scale", v_scale)))
+
+
+def unquantized_scales(k_scale, v_scale, cache_dtype, hkv: int, device):
+    """Scales given with a 16/32/64-bit cache (vLLM passes k_scale/v_scale for every cache, 1.0 unless fp8):
+    value = stored * scale there too. -> (k, v), each None when absent or the number 1.0 (nothing to
+    apply: the exact, free case), else fp32 [Hkv]. A tensor holding 1.0 cannot be recognised without a
+    device sync, so it is applied (an exact multiplication by 1). (None, None) for fp8 caches."""
+    if cache_dtype in FP8_DTYPES:
         return None, None
     out = []
     for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
-        if s is None:
-            s = torch.ones((), dtype=torch.float32, device=device)
-        elif isinstance(s, (int, float)) and not isinstance(s, bool):
-            if not (math.isfinite(s) and s > 0):
-                raise ValueError(f"{name} must be finite and > 0, got {s}")
-            s = torch.full((), float(s), dtype=torch.float32, device=device)  # a fill: capturable in CUDA graphs
-        elif not isinstance(s, torch.Tensor):
-            raise TypeError(f"{name} must be a number or an fp32 tensor of shape [] or [{hkv}], "
-                            f"got {type(s).__name__}")
-        tensor(name, s, rank=(0, 1), dtypes=(torch.float32,), device=device)
-        if s.dim() == 1 and s.shape[0] not in (1, hkv):
-            raise ValueError(f"{name} must have shape [] or [{hkv}] (per tensor or per KV head), got {list(s.shape)}")
-        if values_checkable(s):
-            vals = host_copies(s)[0]
-            if not bool(torch.isfinite(vals).all()) or bool((vals <= 0).any()):
-                raise ValueError(f"{name} must be finite and > 0, got {vals.tolist()}")
-        out.append(s.reshape(-1).expand(hkv))
+        if s is None or (isinstance(s, (int, float)) and not isinstance(s, bool) and s == 1.0):
+            out.append(None)
+        else:
+            out.append(_scale(name, s, hkv, device))
     return out[0], out[1]
 
 

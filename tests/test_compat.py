@@ -90,10 +90,7 @@ def test_with_kvcache_int_seqlens_and_whole_cache():
     torch.testing.assert_close(whole.float(), ref.float(), atol=2e-3, rtol=2e-3)
 
 
-@pytest.mark.parametrize("arg,value", [("rotary_cos", torch.zeros(4, 8)), ("rotary_sin", torch.zeros(4, 8)),
-                                       ("cache_batch_idx", torch.zeros(2, dtype=torch.int32)),
-                                       ("cache_leftpad", torch.zeros(2, dtype=torch.int32)),
-                                       ("alibi_slopes", torch.zeros(HQ))])
+@pytest.mark.parametrize("arg,value", [("alibi_slopes", torch.zeros(HQ))])
 def test_with_kvcache_refuses_unsupported_arguments(arg, value):
     q = torch.randn(2, 1, HQ, D, dtype=torch.float16)
     cache = torch.randn(2, 8, HKV, D, dtype=torch.float16)

@@ -351,9 +351,9 @@ __global__ void __launch_bounds__(kThreads, 2) kvk_decode_kernel(const __grid_co
 #pragma unroll
   for (int j = 0; j < R; ++j) next_pages[j] = pages[kS - 1][j];
 
-  // ---- score scale (log2 domain) with the fp8 K scale folded in
-  const float k_scale = Tr::kFp8 ? p.k_scale[kvh * p.k_scale_stride] : 1.0f;
-  const float v_scale = Tr::kFp8 ? p.v_scale[kvh * p.v_scale_stride] : 1.0f;
+  // ---- score scale (log2 domain) with the K scale folded in (fp8 always; 16-bit caches when given)
+  const float k_scale = p.k_scale != nullptr ? p.k_scale[kvh * p.k_scale_stride] : 1.0f;
+  const float v_scale = p.v_scale != nullptr ? p.v_scale[kvh * p.v_scale_stride] : 1.0f;
   const bool use_softcap = p.softcap > 0.0f;
   const float qk_scale = p.softmax_scale * k_scale;
   const float score_mul = use_softcap ? qk_scale / p.softcap : qk_scale * kLog2e;  // before tanh / final

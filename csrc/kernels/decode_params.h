@@ -83,8 +83,8 @@ struct DecodeParams {
   const int32_t* block_table;  // [B, max_pages] (paged only, else nullptr)
   const int32_t* cu_seqlens_q; // cache attention, ragged q only: [B + 1], sequence b's queries are
                                // tokens [cu[b], cu[b+1]) of q (clamped to [0, num_tokens]); else nullptr
-  const float* k_scale;      // [Hkv] fp32, stride k_scale_stride (0 = one scale per tensor); fp8 only
-  const float* v_scale;      // [Hkv] fp32, stride v_scale_stride; fp8 only
+  const float* k_scale;      // [Hkv] fp32, stride k_scale_stride (0 = one scale per tensor); null = 1
+  const float* v_scale;      // [Hkv] fp32, stride v_scale_stride; null = 1
   void* out;                 // like q, q's dtype; strides out_stride_b, out_stride_t, out_stride_h
   float* lse;                // [B, Hq] ([B, Hq, Sq] | [Hq, Tq]) fp32 natural log; strides lse_stride_b,
                              // lse_stride_t, lse_stride_h

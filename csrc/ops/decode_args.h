@@ -35,15 +35,13 @@ inline DecodeDType decode_dtype_of(const char* op, const char* name, const at::T
   return DecodeDType::kHalf;  // unreachable
 }
 
-// k_scale / v_scale: fp32 [Hkv] (stride 0 for one scale per tensor), required with an fp8 cache only.
+// k_scale / v_scale: fp32 [Hkv] (stride 0 for one scale per tensor), value = stored * scale. Required
+// with an fp8 cache; optional with a 16-bit one (vLLM passes scales for every cache), absent = 1.
 inline void decode_set_scale(const char* op, const char* name, const std::optional<at::Tensor>& scale, bool fp8,
                              const at::Tensor& q, int64_t hkv, const float*& ptr, int64_t& stride) {
   ptr = nullptr;
   stride = 0;
-  if (!fp8) {
-    TORCH_CHECK(!scale.has_value(), op, name, " is only used with a float8_e4m3fn cache");
-    return;
-  }
+  if (!fp8 && !scale.has_value()) return;
   TORCH_CHECK(scale.has_value(), op, name, " is required with a float8_e4m3fn cache (fp32 [Hkv])");
   const at::Tensor& s = *scale;
   check_device(op, name, s, q);

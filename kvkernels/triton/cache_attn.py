@@ -44,8 +44,8 @@ def _cache_attention_kernel(
     SEQLENS,      # [B] int32: L_b, sequence b's tokens in the cache including its n_b new ones
     CU_Q,         # [B + 1] int32 (RAGGED only): sequence b's queries are tokens [CU_Q[b], CU_Q[b+1]) of Q
     BLOCK_TABLE,  # [B, max_pages] int32 (PAGED only)
-    K_SCALE,      # [Hkv] fp32, stride may be 0 (FP8 only): key = stored * K_SCALE[h]
-    V_SCALE,      # [Hkv] fp32, stride may be 0 (FP8 only)
+    K_SCALE,      # [Hkv] fp32, stride may be 0 (fp8, or HAS_SCALE): key = stored * K_SCALE[h]
+    V_SCALE,      # [Hkv] fp32, stride may be 0 (with K_SCALE)
     OUT,          # final: like Q (q's dtype) | partial: [B, Sq, Hq, splits, D] or [Tq, Hq, splits, D] fp32
     LSE,          # final: [B, Hq, Sq] or [Hq, Tq] fp32 natural log | partial: [B, Sq, Hq, splits] or [Tq, Hq, splits], log2
     stride_qb, stride_qt, stride_qh,          # stride_qb = 0 when RAGGED (tokens are indexed globally)
@@ -68,7 +68,7 @@ def _cache_attention_kernel(
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PAGED: tl.constexpr, PAGE_ALIGNED: tl.constexpr, RAGGED: tl.constexpr, CAUSAL: tl.constexpr,
-    FP8: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    FP8: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr, FINAL: tl.constexpr,
 ):
     """For each row r = (token i, head g) of the tile, over the split's visible positions n, in base 2:
@@ -139,7 +139,7 @@ def _cache_attention_kernel(
     q_ptr = Q + b64 * stride_qb + tok64[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptr, mask=r_mask[:, None] & d_mask[None, :], other=0.0)
     scale = qk_scale
-    if FP8:
+    if HAS_SCALE:
         scale = scale * tl.load(K_SCALE + h * stride_ksc)
 
     k_head = K + h * stride_kh
@@ -200,7 +200,7 @@ def _cache_attention_kernel(
 
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
-    if FP8:
+    if HAS_SCALE:
         out = out * tl.load(V_SCALE + h * stride_vsc)
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
     if FINAL:
@@ -323,6 +323,7 @@ def plan(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q, block_t
         return torch.zeros_like(q), lse.fill_(float("-inf")), [], None
 
     fp8 = k_cache.dtype in FP8_DTYPES
+    scaled = k_scale is not None  # fp8 caches always; 16-bit caches when given (value = stored * scale)
     qk = _interpreted_bf16(q, target)
     kk, vk = _interpreted_bf16(k_cache, target), _interpreted_bf16(v_cache, target)
     compute_dtype = qk.dtype
@@ -369,7 +370,7 @@ def plan(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q, block_t
         kk.stride(0), kk.stride(1), kk.stride(2),
         vk.stride(0), vk.stride(1), vk.stride(2),
         *(block_table.stride() if paged else (0, 0)),
-        k_scale.stride(0) if fp8 else 0, v_scale.stride(0) if fp8 else 0,
+        k_scale.stride(0) if scaled else 0, v_scale.stride(0) if scaled else 0,
         *o_strides, *l_strides,
         hkv, row_tiles, 0 if ragged else sq, capacity, k_cache.shape[0], split_plan.split_tokens, window_left,
         qk_scale, cap_log2,
@@ -378,7 +379,7 @@ def plan(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q, block_t
         HEAD_DIM=d, D_PAD=cfg.d_pad, GROUP=group, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, PAGE_SIZE=page_size or 1,
         PAGED=paged, PAGE_ALIGNED=cfg.page_aligned, RAGGED=ragged, CAUSAL=causal,
-        FP8=fp8, HAS_SOFTCAP=softcap > 0,
+        FP8=fp8, HAS_SCALE=scaled, HAS_SOFTCAP=softcap > 0,
         DOT_PRECISION="ieee" if compute_dtype == torch.float32 else "tf32", FINAL=splits == 1,
     )
     launches = [Launch(_cache_attention_kernel, lambda _: (B * hkv * row_tiles, splits), tile_args, tile_meta,

@@ -51,8 +51,8 @@ def _decode_split_kernel(
     V,            # same layout and dtype as K
     SEQLENS,      # [B] int32 (stride stride_sl): sequence b attends to positions [0, SEQLENS[b]), clamped to capacity
     BLOCK_TABLE,  # [B, max_pages] int32 (paged only)
-    K_SCALE,      # [Hkv] fp32, stride may be 0 (fp8 only): key = stored * K_SCALE[h]
-    V_SCALE,      # [Hkv] fp32, stride may be 0 (fp8 only)
+    K_SCALE,      # [Hkv] fp32, stride may be 0 (fp8, or HAS_SCALE): key = stored * K_SCALE[h]
+    V_SCALE,      # [Hkv] fp32, stride may be 0 (with K_SCALE)
     OUT,          # final [B, Hq, D] (FINAL) | partial [B, Hq, num_splits, D] fp32
     LSE,          # final [B, Hq] fp32, natural log (FINAL) | partial [B, Hq, num_splits] fp32, log2
     stride_qb, stride_qh,
@@ -75,7 +75,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, G_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PAGED: tl.constexpr, PAGE_ALIGNED: tl.constexpr,
-    FP8: tl.constexpr, HAS_SOFTCAP: tl.constexpr, USE_DOT: tl.constexpr,
+    FP8: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, FINAL: tl.constexpr,
 ):
     """Attention of the group's query heads over the split's tokens, in base 2:
@@ -118,7 +118,7 @@ def _decode_split_kernel(
     if not USE_DOT:
         q = q.to(tl.float32)
     scale = qk_scale
-    if FP8:
+    if HAS_SCALE:
         scale = scale * tl.load(K_SCALE + h * stride_ksc)
 
     k_head = K + h * stride_kh
@@ -186,7 +186,7 @@ def _decode_split_kernel(
 
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
-    if FP8:
+    if HAS_SCALE:
         out = out * tl.load(V_SCALE + h * stride_vsc)
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
     if FINAL:
@@ -367,6 +367,7 @@ def plan(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_
         return torch.empty_like(q), lse, []
 
     fp8 = k_cache.dtype in FP8_DTYPES
+    scaled = k_scale is not None  # fp8 caches always; 16-bit caches when given (value = stored * scale)
     qk = _interpreted_bf16(q, target)
     kk, vk = _interpreted_bf16(k_cache, target), _interpreted_bf16(v_cache, target)
     compute_dtype = qk.dtype
@@ -403,7 +404,7 @@ def plan(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_
         vk.stride(0), vk.stride(1), vk.stride(2),
         cache_seqlens.stride(0),
         *(block_table.stride() if paged else (0, 0)),
-        k_scale.stride(0) if fp8 else 0, v_scale.stride(0) if fp8 else 0,
+        k_scale.stride(0) if scaled else 0, v_scale.stride(0) if scaled else 0,
         *o_strides, *l_strides,
         hkv, num_chunks, capacity, num_pages, plan_.split_tokens, window_left, qk_scale, cap_log2,
     )
@@ -411,7 +412,7 @@ def plan(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_
         HEAD_DIM=d, D_PAD=cfg.d_pad, GROUP=group, G_BLOCK=cfg.g_block,
         BLOCK_N=cfg.block_n, PAGE_SIZE=page_size or 1,
         PAGED=paged, PAGE_ALIGNED=cfg.page_aligned,
-        FP8=fp8, HAS_SOFTCAP=softcap > 0, USE_DOT=cfg.use_dot,
+        FP8=fp8, HAS_SCALE=scaled, HAS_SOFTCAP=softcap > 0, USE_DOT=cfg.use_dot,
         DOT_PRECISION="ieee" if compute_dtype == torch.float32 else "tf32", FINAL=splits == 1,
     )
     launches = [Launch(_decode_split_kernel, lambda _: (B * hkv * num_chunks, splits), split_args, split_meta,
