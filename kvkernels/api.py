@@ -578,15 +578,8 @@ def append_kv(k, v, k_cache, v_cache, cache_seqlens, *, block_table=None, k_scal
     rotary = max_position is not None
     backend = resolve_backend("append", backend, device, k=k, v=v, k_cache=k_cache, v_cache=v_cache,
                               paged=block_table is not None, ragged=ragged, rotary_cos=rotary_cos if rotary else None)
-    if rotary and k_fold is not None:
-        # A scaled 16-bit cache stores rotate(k) / scale, rounded once: rotated here in fp32.
-        k = _rotate_and_divide(k, rotary_cos, rotary_sin, _token_positions(cache_seqlens, cu_seqlens, k),
-                               rotary_interleaved, k_fold)
-        rotary = False
-    elif k_fold is not None:
-        k = _scale_rows(k, k_fold.unsqueeze(-1), torch.div)
-    if v_fold is not None:
-        v = _scale_rows(v, v_fold.unsqueeze(-1), torch.div)
+    k, v, rotary = _divide_16bit_scales(k, v, k_fold, v_fold, rotary, rotary_cos, rotary_sin, rotary_interleaved,
+                                        lambda: _token_positions(cache_seqlens, cu_seqlens, k))
     if rotary:
         torch.ops.kvkernels.append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, backend,
                                       cu_seqlens, rotary_cos, rotary_sin, rotary_interleaved)
@@ -605,9 +598,19 @@ def _token_positions(cache_seqlens, cu_seqlens, k):
     return cache_seqlens.long()[seq] + torch.arange(k.shape[0], device=k.device) - starts[seq]
 
 
-def _rotate_and_divide(k, cos, sin, positions, interleaved, scale):
-    from . import reference
-    return (reference.rotary_fp32(k, cos, sin, positions, interleaved) / scale.float().unsqueeze(-1)).to(k.dtype)
+def _divide_16bit_scales(k, v, k_fold, v_fold, rotary, cos, sin, interleaved, positions):
+    """k/v divided by the scales of a 16-bit cache (fp32, rounded once; None: nothing to divide).
+    A scaled cache stores rotate(k) / scale, so a rotated k is rotated here, in fp32 at positions(),
+    before the division, and the kernel then stores it as it is. -> (k, v, whether the kernel rotates)."""
+    if k_fold is not None and rotary:
+        from . import reference
+        wide = reference.rotary_fp32(k, cos, sin, positions(), interleaved)
+        k, rotary = (wide / k_fold.unsqueeze(-1)).to(k.dtype), False
+    elif k_fold is not None:
+        k = _scale_rows(k, k_fold.unsqueeze(-1), torch.div)
+    if v_fold is not None:
+        v = _scale_rows(v, v_fold.unsqueeze(-1), torch.div)
+    return k, v, rotary
 
 
 def append_kv_slots(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None, positions=None,
@@ -653,13 +656,8 @@ def append_kv_slots(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_sca
 
     backend = resolve_backend("append_slots", backend, device, k=k, v=v, k_cache=k_cache, v_cache=v_cache,
                               paged=True, rotary_cos=rotary_cos if rotary else None)
-    if rotary and k_fold is not None:
-        k = _rotate_and_divide(k, rotary_cos, rotary_sin, positions, rotary_interleaved, k_fold)
-        rotary = False
-    elif k_fold is not None:
-        k = _scale_rows(k, k_fold.unsqueeze(-1), torch.div)
-    if v_fold is not None:
-        v = _scale_rows(v, v_fold.unsqueeze(-1), torch.div)
+    k, v, rotary = _divide_16bit_scales(k, v, k_fold, v_fold, rotary, rotary_cos, rotary_sin, rotary_interleaved,
+                                        lambda: positions)
     if rotary:
         torch.ops.kvkernels.append_kv_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, backend,
                                             positions, rotary_cos, rotary_sin, rotary_interleaved)

@@ -108,7 +108,7 @@ def _build_race_shadow(src: str, build_dir: str) -> None:
 def _build_here(src: str, build_dir: str, mode: str) -> None:
     from torch.utils.cpp_extension import load
 
-    flags = ["-O1", "-g", "-fno-strict-aliasing", "-DKVK_EMULATE"]
+    flags = ["-O1", "-g", "-fno-strict-aliasing", "-ffp-contract=off", "-DKVK_EMULATE"]  # as setup.py
     ldflags = ["-Wl,-Bsymbolic"]
     if mode == "sanitize":
         flags += SANITIZE

@@ -495,6 +495,27 @@ def test_append_with_scales_on_a_16bit_cache_stores_value_over_scale(backend, de
     assert torch.equal(vc.view(torch.int16), expect_v.view(torch.int16))
 
 
+@pytest.mark.parametrize("backend,device", backends())
+def test_rotary_append_to_a_scaled_16bit_cache_stores_the_rotated_key_over_the_scale(backend, device):
+    gen = seeded(19)
+    B, S_max, s_new, rd = 2, 16, 3, 16
+    angles = torch.arange(32)[:, None] * (10000.0 ** (-torch.arange(0, rd, 2) / rd))[None, :]
+    cos, sin = angles.cos(), angles.sin()
+    seqlens = torch.tensor([4, 9], dtype=torch.int32)
+    k, v = randn(B, s_new, HKV, D, gen=gen), randn(B, s_new, HKV, D, gen=gen)
+    kc, vc = randn(B, S_max, HKV, D, gen=gen), randn(B, S_max, HKV, D, gen=gen)
+    before = kc.clone()
+    k_scale = torch.tensor([2.0, 0.5])
+    run_or_skip(backend, lambda: kvkernels.append_kv(k, v, kc, vc, seqlens, k_scale=k_scale, rotary_cos=cos,
+                                                     rotary_sin=sin, backend=backend))
+    for b in range(B):
+        start = int(seqlens[b])
+        pos = torch.arange(start, start + s_new)
+        want = (rope(k[b], cos, sin, pos, False) / k_scale[:, None]).to(FP16)
+        assert torch.equal(kc[b, start:start + s_new], want)
+        assert torch.equal(kc[b, :start], before[b, :start])
+
+
 # ---------------------------------------------------------------------------------- kv_cache_dtype
 
 
