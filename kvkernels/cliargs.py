@@ -47,26 +47,25 @@ def _checked_int(x, minimum):
     return x
 
 
-def size(minimum: int = 0):
-    """argparse type: one size >= minimum."""
+def _argparse_type(parser, name: str, minimum: int):
+    """parser(text, minimum) as an argparse type named `name` (its errors become usage errors)."""
     def parse(text):
         try:
-            return parse_size(text, minimum)
+            return parser(text, minimum)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
-    parse.__name__ = "size"
+    parse.__name__ = name
     return parse
+
+
+def size(minimum: int = 0):
+    """argparse type: one size >= minimum."""
+    return _argparse_type(parse_size, "size", minimum)
 
 
 def sizes(minimum: int = 0):
     """argparse type: a comma-separated list of sizes >= minimum."""
-    def parse(text):
-        try:
-            return parse_sizes(text, minimum)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-    parse.__name__ = "sizes"
-    return parse
+    return _argparse_type(parse_sizes, "sizes", minimum)
 
 
 def positive_int(text):

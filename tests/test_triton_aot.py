@@ -100,20 +100,25 @@ def _prefill_estimate(target, cfg, constexprs):
     return prefill.smem_bytes(target, meta["BLOCK_M"], meta["BLOCK_N"], constexprs["BLOCK_D"], cfg.num_stages)
 
 
+def _full_cache(b, s_max, hkv, d, page_size, fp8, dtype):
+    """(k cache, block table or None, fp8 scale or None, seqlens) of b full sequences of s_max tokens."""
+    cache_dtype = torch.float8_e4m3fn if fp8 else dtype
+    if page_size is None:
+        kc = torch.empty(b, s_max, hkv, d, dtype=cache_dtype)
+        table = None
+    else:
+        kc = torch.empty(b * s_max // page_size, page_size, hkv, d, dtype=cache_dtype)
+        table = torch.zeros(b, s_max // page_size, dtype=torch.int32)
+    scale = torch.ones(hkv) if fp8 else None
+    return kc, table, scale, torch.full((b,), s_max, dtype=torch.int32)
+
+
 def _decode(d, hq, hkv, *, page_size=None, fp8=False, splits=1, softcap=0.0, dtype=torch.float16):
     def plan(target):
         from kvkernels.triton import decode
         b, s_max = 2, 256
-        cache_dtype = torch.float8_e4m3fn if fp8 else dtype
         q = torch.empty(b, hq, d, dtype=dtype)
-        if page_size is None:
-            kc = torch.empty(b, s_max, hkv, d, dtype=cache_dtype)
-            table = None
-        else:
-            kc = torch.empty(b * s_max // page_size, page_size, hkv, d, dtype=cache_dtype)
-            table = torch.zeros(b, s_max // page_size, dtype=torch.int32)
-        scale = torch.ones(hkv) if fp8 else None
-        seqlens = torch.full((b,), s_max, dtype=torch.int32)
+        kc, table, scale, seqlens = _full_cache(b, s_max, hkv, d, page_size, fp8, dtype)
         _, _, launches = decode.plan(q, kc, torch.empty_like(kc), seqlens, table, d ** -0.5, -1, softcap,
                                      scale, scale, splits, False, target)
         assert len(launches) == (2 if splits > 1 else 1)
@@ -155,15 +160,7 @@ def _cache(d, hq, hkv, queries, *, page_size=16, fp8=False, splits=1, causal=Tru
     def plan(target):
         from kvkernels.triton import cache_attn
         b, s_max = 2, 1024
-        cache_dtype = torch.float8_e4m3fn if fp8 else dtype
-        if page_size is None:
-            kc = torch.empty(b, s_max, hkv, d, dtype=cache_dtype)
-            table = None
-        else:
-            kc = torch.empty(b * s_max // page_size, page_size, hkv, d, dtype=cache_dtype)
-            table = torch.zeros(b, s_max // page_size, dtype=torch.int32)
-        scale = torch.ones(hkv) if fp8 else None
-        seqlens = torch.full((b,), s_max, dtype=torch.int32)
+        kc, table, scale, seqlens = _full_cache(b, s_max, hkv, d, page_size, fp8, dtype)
         if ragged:
             q = torch.empty(queries + 1, hq, d, dtype=dtype)   # one sequence of `queries`, one decode
             cu = torch.tensor([0, queries, queries + 1], dtype=torch.int32)

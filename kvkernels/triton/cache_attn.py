@@ -30,7 +30,7 @@ import triton.language as tl
 from .. import decode_plan
 from . import KernelConfig, Launch, Target, device_target
 from .decode import (FP8_DTYPES, LN2_C, LOG2E, MAX_HEAD_DIM, MAX_PAGE_SIZE, NEG_2LOG2E_C, SUPPORTED_DTYPES,
-                     _decode_merge_kernel, _interpreted_bf16, _next_pow2, fp8_supported)
+                     _interpreted_bf16, _next_pow2, fp8_supported, merge_launch)
 
 
 # ------------------------------------------------------------------------------------- kernel
@@ -391,15 +391,7 @@ def plan(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q, block_t
     # Rows of the merge are (token, head) pairs: the decode merge kernel over [tokens, Hq] rows.
     flat_out = out.view(tokens, hq, d)
     token_lse = torch.empty((tokens, hq), dtype=torch.float32, device=q.device)
-    merge_args = (part_out, part_lse, flat_out, token_lse, hq, splits,
-                  part_out.stride(1), part_out.stride(2),
-                  part_lse.stride(1),
-                  flat_out.stride(0), flat_out.stride(1),
-                  token_lse.stride(0), token_lse.stride(1))
-    merge_meta = dict(HEAD_DIM=d, D_PAD=_next_pow2(d), S_PAD=max(2, _next_pow2(splits)))
-    launches.append(Launch(_decode_merge_kernel, lambda _: (tokens * hq,), merge_args, merge_meta,
-                           (KernelConfig((), num_warps=1 if d <= 128 else 2, num_stages=3),),
-                           name="decode_merge"))
+    launches.append(merge_launch(part_out, part_lse, flat_out, token_lse, hq, splits))
 
     def finish():
         if ragged:

@@ -418,14 +418,20 @@ def plan(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_
     launches = [Launch(_decode_split_kernel, lambda _: (B * hkv * num_chunks, splits), split_args, split_meta,
                        (KernelConfig((), num_warps=cfg.num_warps, num_stages=cfg.num_stages),), name="decode_split")]
     if splits > 1:
-        merge_args = (part_out, part_lse, out, lse, hq, splits,
-                      part_out.stride(1), part_out.stride(2),
-                      part_lse.stride(1),
-                      out.stride(0), out.stride(1),
-                      lse.stride(0), lse.stride(1))
-        merge_meta = dict(HEAD_DIM=d, D_PAD=_next_pow2(d), S_PAD=max(2, _next_pow2(splits)))
-        # One warp per row up to D = 128 (a [D] fp32 vector is 4 values per lane), two beyond.
-        launches.append(Launch(_decode_merge_kernel, lambda _: (B * hq,), merge_args, merge_meta,
-                               (KernelConfig((), num_warps=1 if d <= 128 else 2, num_stages=3),),
-                               name="decode_merge"))
+        launches.append(merge_launch(part_out, part_lse, out, lse, hq, splits))
     return out, lse, launches
+
+
+def merge_launch(part_out, part_lse, out, lse, hq, splits) -> Launch:
+    """The merge of the splits' partials into out [rows, Hq, D] and lse [rows, Hq], one program a
+    (row, head): rows are sequences in decode, (token) rows in cache attention."""
+    rows, d = out.shape[0], out.shape[-1]
+    args = (part_out, part_lse, out, lse, hq, splits,
+            part_out.stride(1), part_out.stride(2),
+            part_lse.stride(1),
+            out.stride(0), out.stride(1),
+            lse.stride(0), lse.stride(1))
+    meta = dict(HEAD_DIM=d, D_PAD=_next_pow2(d), S_PAD=max(2, _next_pow2(splits)))
+    # One warp per row up to D = 128 (a [D] fp32 vector is 4 values per lane), two beyond.
+    return Launch(_decode_merge_kernel, lambda _: (rows * hq,), args, meta,
+                  (KernelConfig((), num_warps=1 if d <= 128 else 2, num_stages=3),), name="decode_merge")
