@@ -4,8 +4,8 @@
     compute-sanitizer --tool racecheck python3 bench/sanitize_ops.py
     python3 bench/sanitize_ops.py --parse LOG --tool memcheck      # -> JSON entry for the results
 
-Prefill (dense, causal and not), decode (contiguous, shuffled paged, fp8 paged) and append
-(contiguous, paged, fp8; paged with fused rotary, full and partial) on backends "cuda" and "triton", fp16 and bf16, head dims 64 and 128,
+Prefill (dense, causal and not), decode (contiguous, shuffled paged, fp8 e4m3 and e5m2 paged) and append
+(contiguous, paged, fp8 e4m3 and e5m2; paged with fused rotary, full and partial) on backends "cuda" and "triton", fp16 and bf16, head dims 64 and 128,
 lengths 1, 17 and 113 (page-boundary crossings included). A configuration a backend rejects is
 skipped; any other error counts as a failure (exit code 1).
 """
@@ -78,6 +78,10 @@ def workload(quick: bool) -> int:
                 call(f"decode paged fp8 {tag}",
                      lambda: kvkernels.decode_attention(q, k8, v8, seqlens, block_table=table, k_scale=scale,
                                                         v_scale=scale, backend=backend))
+                k5, v5 = kp.to(torch.float8_e5m2), vp.to(torch.float8_e5m2)
+                call(f"decode paged e5m2 {tag}",
+                     lambda: kvkernels.decode_attention(q, k5, v5, seqlens, block_table=table, k_scale=scale,
+                                                        v_scale=scale, backend=backend))
                 for new in (1, 5):
                     kn, vn = randn(B, new, hkv, d, dtype=dtype), randn(B, new, hkv, d, dtype=dtype)
                     call(f"append contiguous new={new} {tag}",
@@ -86,6 +90,9 @@ def workload(quick: bool) -> int:
                          lambda: kvkernels.append_kv(kn, vn, kp, vp, seqlens, block_table=table, backend=backend))
                     call(f"append paged fp8 new={new} {tag}",
                          lambda: kvkernels.append_kv(kn, vn, k8, v8, seqlens, block_table=table, k_scale=scale,
+                                                     v_scale=scale, backend=backend))
+                    call(f"append paged e5m2 new={new} {tag}",
+                         lambda: kvkernels.append_kv(kn, vn, k5, v5, seqlens, block_table=table, k_scale=scale,
                                                      v_scale=scale, backend=backend))
                     # fused rotary (a partial rotary dim that is not a whole number of vectors too)
                     for rd in (d, 40):

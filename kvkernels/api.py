@@ -269,29 +269,31 @@ def _softcap(softcap) -> float:
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's names
 
 
+# kv_cache_dtype -> the fp8 format uint8 storage is read as ("auto": the caches' own dtype)
+_FP8_FORMATS = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
 def _cache_storage(k_cache, v_cache, kv_cache_dtype):
-    """vLLM's kv_cache_dtype: "auto" takes the caches as they are; "fp8"/"fp8_e4m3" reads uint8 storage
-    as float8_e4m3fn (a zero-copy .view, so appends land in the caller's tensor). e5m2 has no kernel
-    yet, and the oracle reads e4m3 only: a clear NotImplementedError rather than a wrong reading."""
+    """vLLM's kv_cache_dtype: "auto" takes the caches as they are (float8_e4m3fn and float8_e5m2
+    tensors included); "fp8"/"fp8_e4m3" reads uint8 storage as float8_e4m3fn and "fp8_e5m2" as
+    float8_e5m2 (a zero-copy .view, so appends land in the caller's tensor). A float8 tensor passed
+    with a kv_cache_dtype must be that format."""
     if not isinstance(kv_cache_dtype, str) or kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES} (vLLM's names), got {kv_cache_dtype!r}")
-    e5m2 = getattr(torch, "float8_e5m2", None)
-    named = (("k_cache", k_cache), ("v_cache", v_cache))
-    if kv_cache_dtype == "fp8_e5m2" or any(isinstance(c, torch.Tensor) and c.dtype == e5m2 for _, c in named):
-        raise NotImplementedError("fp8 e5m2 KV caches (kv_cache_dtype='fp8_e5m2', torch.float8_e5m2) are not "
-                                  "supported yet: kvkernels reads fp8 caches as e4m3 (kv_cache_dtype='fp8' or "
-                                  "'fp8_e4m3' on uint8 storage, or torch.float8_e4m3fn tensors)")
+    fmt = _FP8_FORMATS.get(kv_cache_dtype)
     out = []
-    for name, c in named:
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         if isinstance(c, torch.Tensor):
-            if kv_cache_dtype == "auto" and c.dtype == torch.uint8:
-                raise TypeError(f"{name} is uint8 storage: pass kv_cache_dtype='fp8' (e4m3) to read it as fp8")
-            if kv_cache_dtype != "auto":
+            if fmt is None and c.dtype == torch.uint8:
+                raise TypeError(f"{name} is uint8 storage: pass kv_cache_dtype='fp8' or 'fp8_e4m3' (e4m3) or "
+                                f"'fp8_e5m2' (e5m2) to read it as fp8")
+            if fmt is not None:
                 if c.dtype == torch.uint8:
-                    c = c.view(torch.float8_e4m3fn)
-                elif c.dtype != torch.float8_e4m3fn:
-                    raise TypeError(f"kv_cache_dtype={kv_cache_dtype!r} reads {name} as fp8 e4m3: it must be uint8 "
-                                    f"storage or float8_e4m3fn, got {str(c.dtype).replace('torch.', '')}")
+                    c = c.view(fmt)
+                elif c.dtype != fmt:
+                    raise TypeError(f"kv_cache_dtype={kv_cache_dtype!r} reads {name} as "
+                                    f"{str(fmt).replace('torch.', '')}: it must be uint8 storage or "
+                                    f"{str(fmt).replace('torch.', '')}, got {str(c.dtype).replace('torch.', '')}")
         out.append(c)
     return out[0], out[1]
 
@@ -400,11 +402,12 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, so
                 position p of sequence b is row p % page_size of page block_table[b, p // page_size].
     window_left >= 0: only the last window_left + 1 positions are seen. A cache holds value / scale:
     k_scale/v_scale are numbers or fp32 tensors of shape [] or [Hkv] (default 1), > 0, for fp8
-    (float8_e4m3fn) caches and 16-bit ones alike (vLLM passes them for every cache); the kernels fold
-    them into the score scale and the output in fp32. The number 1.0 (or None) with a 16-bit cache
-    costs nothing; a tensor is loaded once per head (1.0 is exact).
-    kv_cache_dtype: "auto", or vLLM's "fp8"/"fp8_e4m3" to read uint8 caches as float8_e4m3fn (a view);
-    "fp8_e5m2" raises NotImplementedError.
+    (float8_e4m3fn or float8_e5m2; K and V in the same format) caches and 16-bit ones alike (vLLM
+    passes them for every cache); the kernels fold them into the score scale and the output in fp32.
+    The number 1.0 (or None) with a 16-bit cache costs nothing; a tensor is loaded once per head (1.0
+    is exact).
+    kv_cache_dtype: "auto", or vLLM's "fp8"/"fp8_e4m3" to read uint8 caches as float8_e4m3fn and
+    "fp8_e5m2" as float8_e5m2 (a view, no copy).
     -> out [B, Hq, D] in q's dtype (+ lse [B, Hq] fp32). An empty sequence gives out 0, lse -inf.
     num_splits: 0 = heuristic, n >= 1 forces n KV splits.
     """
@@ -413,7 +416,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, so
     device = q.device
     V.cache_pair(k_cache, v_cache, device)
     if k_cache.dtype != q.dtype and k_cache.dtype not in V.FP8_DTYPES:
-        raise TypeError(f"k_cache/v_cache must have q's dtype {q.dtype} or float8_e4m3fn, got {k_cache.dtype}")
+        raise TypeError(f"k_cache/v_cache must have q's dtype {q.dtype} or be fp8 ({V.FP8_NAMES}), "
+                        f"got {k_cache.dtype}")
     V.last_dim_contiguous("q", q)
     B, hq, d = q.shape
     hkv = k_cache.shape[2]
@@ -467,7 +471,8 @@ def cache_attention(q, k_cache, v_cache, cache_seqlens, *, cu_seqlens_q=None, ma
     ragged = q.dim() == 3
     V.cache_pair(k_cache, v_cache, device)
     if k_cache.dtype != q.dtype and k_cache.dtype not in V.FP8_DTYPES:
-        raise TypeError(f"k_cache/v_cache must have q's dtype {q.dtype} or float8_e4m3fn, got {k_cache.dtype}")
+        raise TypeError(f"k_cache/v_cache must have q's dtype {q.dtype} or be fp8 ({V.FP8_NAMES}), "
+                        f"got {k_cache.dtype}")
     V.last_dim_contiguous("q", q)
     hq, d = q.shape[-2], q.shape[-1]
     hkv = k_cache.shape[2]
@@ -532,9 +537,13 @@ def append_kv(k, v, k_cache, v_cache, cache_seqlens, *, block_table=None, k_scal
             tokens are rows cu_seqlens[b] .. cu_seqlens[b+1] - 1 (n_b may be 0), so a batch mixing
             1-token decodes and long prompt chunks appends in one launch.
     Token i of sequence b goes to position cache_seqlens[b] + i (through block_table when paged).
-    cache_seqlens is not modified. fp8 caches store saturate(value / scale); 16-bit caches given a scale
-    other than the number 1.0 store value / scale rounded to the cache dtype (a scale of 1 is exact).
-    kv_cache_dtype: as decode_attention ("fp8" writes uint8 storage through a float8_e4m3fn view).
+    cache_seqlens is not modified. fp8 caches store saturate(value / scale) rounded to nearest even
+    (float8_e4m3fn: to +-448, NaN keeping its sign; float8_e5m2: to +-57344, infinities included, NaN
+    becoming 0x7F, as the hardware's cvt.rn.satfinite converts; kvkernels.reference.quantize); 16-bit
+    caches given a scale other than the number 1.0 store value / scale rounded to the cache dtype (a
+    scale of 1 is exact).
+    kv_cache_dtype: as decode_attention ("fp8" writes uint8 storage through a float8_e4m3fn view,
+    "fp8_e5m2" through a float8_e5m2 view).
     Nothing outside the written slots changes, bit for bit. Index values (cu_seqlens offsets, capacity per sequence, pages,
     a slot written twice through a shared page) are checked where that costs no device sync (CPU
     tensors, or checked mode); a call that fails validation writes nothing.

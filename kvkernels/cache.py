@@ -26,10 +26,11 @@ Storage is one tensor per K and V with a layer dimension:
 A page index means the same page in every layer (one allocation serves the whole model), and
 `layer_cache(l)` is the contiguous [.., Hkv, D] view the ops take.
 
-fp8 storage (dtype=torch.float8_e4m3fn): the cache holds saturate(value / scale) and attention
-reads stored * scale. Scales are fixed when the cache is built (k_scale / v_scale: a number, or an
-fp32 tensor of shape [], [Hkv], [num_layers] or [num_layers, Hkv]; a 1-D tensor whose length is both
-is read per layer); choose them from calibration data (amax / 448 keeps every value in range).
+fp8 storage (dtype=torch.float8_e4m3fn or torch.float8_e5m2): the cache holds saturate(value / scale)
+and attention reads stored * scale. Scales are fixed when the cache is built (k_scale / v_scale: a
+number, or an fp32 tensor of shape [], [Hkv], [num_layers] or [num_layers, Hkv]; a 1-D tensor whose
+length is both is read per layer); choose them from calibration data (amax / 448 keeps every value in
+e4m3's range, amax / 57344 in e5m2's, which trades 1 mantissa bit for 8 binades more range).
 
 Sliding window (window_left=W >= 0: a query sees itself and the W positions before it): attention
 always applies the window. The paged cache also gives back pages that no future query can see: at
@@ -62,7 +63,7 @@ from . import api
 from . import validation as V
 from .cliargs import plural
 
-FP8_DTYPES = (torch.float8_e4m3fn,)
+FP8_DTYPES = V.FP8_DTYPES  # float8_e4m3fn, float8_e5m2
 STORAGE_DTYPES = V.FLOAT_DTYPES + FP8_DTYPES
 
 
@@ -78,7 +79,7 @@ def _storage_dtype(dtype) -> None:
     if dtype in STORAGE_DTYPES:
         return
     names = ", ".join(str(d).replace("torch.", "") for d in STORAGE_DTYPES)
-    hint = (": fp8 storage is float8_e4m3fn (value = stored * scale)"
+    hint = (f": fp8 storage is {V.FP8_NAMES} (value = stored * scale)"
             if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize == 1 else "")
     raise TypeError(f"dtype must be one of {names}, got {str(dtype).replace('torch.', '')}{hint}")
 
@@ -110,7 +111,7 @@ def _normalise_scales(name, scale, dtype, num_layers, hkv, device) -> Optional[t
     """-> fp32 [num_layers, Hkv] on the device for fp8 storage, None otherwise."""
     if dtype not in FP8_DTYPES:
         if scale is not None:
-            raise ValueError(f"{name} is only used with float8_e4m3fn storage; this cache stores {dtype}")
+            raise ValueError(f"{name} is only used with fp8 ({V.FP8_NAMES}) storage; this cache stores {dtype}")
         return None
     if scale is None:
         scale = 1.0

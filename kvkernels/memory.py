@@ -39,12 +39,13 @@ DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
     "fp16": torch.float16, "float16": torch.float16,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp8": torch.float8_e4m3fn, "float8_e4m3fn": torch.float8_e4m3fn,
+    "fp8": torch.float8_e4m3fn, "float8_e4m3fn": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2, "float8_e5m2": torch.float8_e5m2,
 }
 
 
 def dtype_bytes(dtype) -> int:
-    """Bytes per element of a torch dtype or a name ("fp16", "bf16", "fp8", "fp32")."""
+    """Bytes per element of a torch dtype or a name ("fp16", "bf16", "fp8" / "fp8_e4m3" / "fp8_e5m2", "fp32")."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(set(DTYPES))}")
@@ -428,8 +429,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"presets (default: all): {names}; or a Hugging Face config.json (file or folder)")
     parser.add_argument("--seq-len", type=size(1), default=4096, help="tokens per sequence, e.g. 4096 or 32k (default 4096)")
     parser.add_argument("--batch", type=size(1), default=1, help="sequences (default 1)")
-    parser.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16", "fp8"],
-                        help="cache element type (default fp16)")
+    parser.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16", "fp8", "fp8_e4m3", "fp8_e5m2"],
+                        help="cache element type (default fp16; fp8 is fp8_e4m3, vLLM's names; both fp8 formats "
+                             "take 1 byte)")
     parser.add_argument("--weight-dtype", default="fp16", choices=list(WEIGHT_BITS),
                         help="weight precision for the weights column and the budget (default fp16)")
     parser.add_argument("--tp", type=size(1), default=1,

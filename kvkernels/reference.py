@@ -10,6 +10,9 @@ Arguments arrive already validated and normalised by kvkernels.api:
   window          (left, right), -1 = unbounded; causal already folded into right (right <= 0)
   k_scale/v_scale fp32 [Hkv] (stride may be 0) for fp8 caches, for other attended caches when given
                   (value = stored * scale), else None
+
+fp8 caches are float8_e4m3fn or float8_e5m2 (both K and V in one format). Reading either is exact
+(torch's widening); writing rounds to nearest even and saturates (quantize, e5m2_satfinite).
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import math
 
 import torch
 
-FP8_DTYPES = (torch.float8_e4m3fn,)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_E5M2_MAX = 57344.0  # largest finite float8_e5m2 (1.75 * 2^15)
+E5M2_NAN = 0x7F  # the NaN the hardware's fp32 -> e5m2 conversion gives, whatever the input's sign
 
 
 def _math_dtype(*tensors: torch.Tensor, upcast: bool = True) -> torch.dtype:
@@ -132,11 +137,34 @@ def dequantize(cache: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dty
     return cache.to(dtype)
 
 
+def e5m2_satfinite(y: torch.Tensor) -> torch.Tensor:
+    """fp32 -> float8_e5m2 as the hardware converts it (PTX `cvt.rn.satfinite.e5m2x2.f32`, which the
+    CUDA kernels run on sm_89+ and reproduce in integer code below it, the Triton kernels everywhere):
+
+      * finite values round to nearest even, subnormals included (steps of 2^-16; |y| <= 2^-17 gives
+        a zero of y's sign);
+      * .satfinite: |y| > 57344 (the largest finite e5m2), +-inf included, gives +-57344 (0x7B / 0xFB);
+      * NaN gives the canonical NaN 0x7F, whatever y's sign.
+
+    torch's own `y.to(torch.float8_e5m2)` differs from the hardware, which wins here, in three places:
+    it rounds |y| >= 61440 (the midpoint of 57344 and 2^16) to inf, keeps inf as inf, and gives a NaN
+    y's sign (0xFF for a negative NaN). Clamping to +-57344 first fixes the first two (saturating before
+    or after the rounding is the same: every value above 57344 ends at 57344 either way), the explicit
+    NaN the third. (e4m3 has no infinity and its NaN keeps the sign in quantize, as torch does.)"""
+    bits = y.clamp(-FP8_E5M2_MAX, FP8_E5M2_MAX).to(torch.float8_e5m2).view(torch.uint8)
+    bits = torch.where(torch.isnan(y), torch.full_like(bits, E5M2_NAN), bits)
+    return bits.view(torch.float8_e5m2)
+
+
 def quantize(x: torch.Tensor, scale: torch.Tensor | None, cache_dtype: torch.dtype) -> torch.Tensor:
-    """x [..., Hkv, D] -> cache_dtype; fp8 stores saturate(x / scale[h]), rounding to nearest even."""
+    """x [..., Hkv, D] -> cache_dtype; fp8 stores saturate(fp32(x) / scale[h]), rounding to nearest even:
+    e4m3 as torch's `clamp(-448, 448).to(float8_e4m3fn)` (NaN keeps its sign), e5m2 as the hardware
+    (e5m2_satfinite)."""
     if cache_dtype in FP8_DTYPES:
         s = scale.to(torch.float32).reshape(-1).expand(x.shape[-2])
         y = x.to(torch.float32) / s.unsqueeze(-1)
+        if cache_dtype == torch.float8_e5m2:
+            return e5m2_satfinite(y)
         return y.clamp(-FP8_MAX, FP8_MAX).to(cache_dtype)
     return x.to(cache_dtype)
 

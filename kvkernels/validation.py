@@ -20,7 +20,8 @@ import torch
 from . import config
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-FP8_DTYPES = (torch.float8_e4m3fn,)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+FP8_NAMES = "float8_e4m3fn or float8_e5m2"
 INDEX_DTYPES = (torch.int32,)
 MAX_HEAD_DIM = 256
 
@@ -100,6 +101,10 @@ def cache_pair(k_cache, v_cache, device) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"k_cache and v_cache must have the same shape, got {list(k_cache.shape)} "
                          f"and {list(v_cache.shape)}")
     if k_cache.dtype != v_cache.dtype:
+        if k_cache.dtype in FP8_DTYPES and v_cache.dtype in FP8_DTYPES:
+            raise TypeError(f"k_cache and v_cache must use one fp8 format, got k_cache "
+                            f"{str(k_cache.dtype).replace('torch.', '')} and v_cache "
+                            f"{str(v_cache.dtype).replace('torch.', '')} (mixed e4m3 / e5m2 caches are not supported)")
         raise TypeError(f"k_cache and v_cache must have the same dtype, got {k_cache.dtype} and {v_cache.dtype}")
     last_dim_contiguous("k_cache", k_cache)
     last_dim_contiguous("v_cache", v_cache)

@@ -17,6 +17,8 @@ from kvkernels import api, reference
 from kvkernels.triton import INTERPRET
 
 FP8 = torch.float8_e4m3fn
+E5M2 = torch.float8_e5m2
+FP8_FORMATS = [pytest.param(FP8, id="e4m3"), pytest.param(E5M2, id="e5m2")]
 
 # name -> (cache dtype, source dtype, scale kind)
 DTYPE_CASES = {
@@ -25,6 +27,8 @@ DTYPE_CASES = {
     "fp8-from-fp16-per-tensor": (FP8, torch.float16, "tensor"),
     "fp8-from-bf16-per-head": (FP8, torch.bfloat16, "head"),
     "fp8-from-fp32-per-head": (FP8, torch.float32, "head"),
+    "e5m2-from-fp16-per-head": (E5M2, torch.float16, "head"),
+    "e5m2-from-bf16-per-tensor": (E5M2, torch.bfloat16, "tensor"),
 }
 
 
@@ -50,10 +54,17 @@ def make_scales(kind, hkv, gen, device):
 
 
 def sources(shape, dtype, gen, device, fp8):
-    # fp8 caches get magnitudes past 448 / scale too, so saturation is exercised
-    scale = 150.0 if fp8 else 1.0
+    """fp8: False, True (e4m3) or the fp8 cache dtype. fp8 caches get magnitudes past their largest
+    value / scale too (448 e4m3, 57344 e5m2; fp16 sources then overflow to inf now and then), so
+    saturation is exercised."""
+    scale = 2.0**14 if fp8 is E5M2 else 150.0 if fp8 else 1.0
     return randn(*shape, dtype=dtype, gen=gen, device=device, scale=scale), \
         randn(*shape, dtype=dtype, gen=gen, device=device, scale=scale)
+
+
+def fp8_of(cache_dtype):
+    """The fp8 format of a cache dtype, or False."""
+    return cache_dtype if cache_dtype in (FP8, E5M2) else False
 
 
 def assert_only_rows_written(cache, before, expect, written):
@@ -75,7 +86,7 @@ def test_contiguous_append_is_bit_exact(backend, device, case, starts, s_new):
     gen = seeded(1)
     B, S_max, hkv, d = len(starts), 40, 2, 64
     kc, vc = poisoned((B, S_max, hkv, d), cache_dtype, device), poisoned((B, S_max, hkv, d), cache_dtype, device)
-    k, v = sources((B, s_new, hkv, d), src_dtype, gen, device, cache_dtype == FP8)
+    k, v = sources((B, s_new, hkv, d), src_dtype, gen, device, fp8_of(cache_dtype))
     scales, ref_scales = make_scales(scale_kind, hkv, gen, device)
     seqlens = lengths_tensor(starts, device)
     before_k, before_v = kc.clone(), vc.clone()
@@ -109,7 +120,7 @@ def test_paged_append_is_bit_exact(backend, device, case, page_size, starts, s_n
     shape = (num_pages, page_size, hkv, d)
     kc, vc = poisoned(shape, cache_dtype, device), poisoned(shape, cache_dtype, device)
     table = shuffled_table(B, max_pages, num_pages, gen, device)
-    k, v = sources((B, s_new, hkv, d), src_dtype, gen, device, cache_dtype == FP8)
+    k, v = sources((B, s_new, hkv, d), src_dtype, gen, device, fp8_of(cache_dtype))
     scales, ref_scales = make_scales(scale_kind, hkv, gen, device)
     seqlens = lengths_tensor(starts, device)
     before_k, before_v = kc.clone(), vc.clone()
@@ -188,7 +199,7 @@ def test_ragged_append_is_bit_exact(backend, device, layout, case):
     gen = seeded(11)
     starts, counts = RAGGED_STARTS, ragged_counts(device)
     kc, vc, table = ragged_layout(layout, starts, counts, gen, device, cache_dtype)
-    k, v = sources((sum(counts), 2, 64), src_dtype, gen, device, cache_dtype == FP8)
+    k, v = sources((sum(counts), 2, 64), src_dtype, gen, device, fp8_of(cache_dtype))
     scales, ref_scales = make_scales(scale_kind, 2, gen, device)
     seqlens, cu = lengths_tensor(starts, device), cu_tensor(counts, device)
     before_k, before_v = kc.clone(), vc.clone()
@@ -211,7 +222,7 @@ def test_ragged_reference_is_a_per_token_write(layout, case):
     gen = seeded(12)
     starts, counts = RAGGED_STARTS, ragged_counts("cuda")
     kc, vc, table = ragged_layout(layout, starts, counts, gen, "cpu", cache_dtype)
-    k, v = sources((sum(counts), 2, 64), src_dtype, gen, "cpu", cache_dtype == FP8)
+    k, v = sources((sum(counts), 2, 64), src_dtype, gen, "cpu", fp8_of(cache_dtype))
     _, scales = make_scales(scale_kind, 2, gen, "cpu")
     expect_k, expect_v = kc.clone(), vc.clone()
     t = 0
@@ -362,7 +373,7 @@ def test_slot_append_is_bit_exact_and_skips_negative_slots(backend, device, case
     slots = torch.randperm(pages * page_size, generator=gen)[:T]
     slots[[2, 7]] = torch.tensor([-1, -5])  # skipped tokens
     slots = slots.to(slot_dtype).to(device)
-    k, v = sources((T, hkv, d), src_dtype, gen, device, cache_dtype == FP8)
+    k, v = sources((T, hkv, d), src_dtype, gen, device, fp8_of(cache_dtype))
     scales, ref_scales = make_scales(scale_kind, hkv, gen, device)
     before_k, before_v = kc.clone(), vc.clone()
     expect_k, expect_v = kc.clone(), vc.clone()
@@ -383,20 +394,24 @@ def test_slot_append_is_bit_exact_and_skips_negative_slots(backend, device, case
 
 def _special_fp32_bits(gen, n=4096):
     """Random fp32 bit patterns (every exponent: subnormals, NaN payloads of both signs, infinities)
-    plus the rounding boundaries of e4m3 around 448, 464 and 480."""
+    plus the rounding boundaries of e4m3 around 448, 464 and 480, and of e5m2 around 57344, 61440
+    and its subnormals (steps of 2^-16)."""
     rand = torch.randint(-2**31, 2**31, (n,), generator=gen, dtype=torch.int64).to(torch.int32).view(torch.float32)
     edges = torch.tensor([448.0, 456.0, 464.0, 464.00003, 472.0, 480.0, 2.0**-6, 2.0**-7, 2.0**-9, 2.0**-10,
-                          1.5 * 2.0**-10, 0.0302734375, 0.0, float("inf"), float("nan")])
+                          1.5 * 2.0**-10, 0.0302734375, 0.0, float("inf"), float("nan"),
+                          53248.0, 57343.996, 57344.0, 57344.004, 61439.996, 61440.0, 61440.004, 65504.0, 65536.0,
+                          2.0**-14, 2.0**-15, 2.0**-16, 2.0**-17, 1.5 * 2.0**-16, 2.5 * 2.0**-16, 3.5 * 2.0**-16])
     return torch.cat([rand, edges, -edges])
 
 
 @pytest.mark.parametrize("backend,device", kernel_backends())
 @pytest.mark.parametrize("src_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("fp8", FP8_FORMATS)
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, in the interpreter: x / scale of inf and NaN
-def test_fp8_quantization_matches_reference_on_every_source_value(backend, device, src_dtype):
-    """Every fp16 / bf16 bit pattern (NaN, inf, subnormals, values past 448), or random fp32 bit
-    patterns plus the e4m3 rounding boundaries, each through a scale of 1 (exact division) and a
-    scale that rounds: stored bits equal the oracle's."""
+def test_fp8_quantization_matches_reference_on_every_source_value(backend, device, src_dtype, fp8):
+    """Every fp16 / bf16 bit pattern (NaN, inf, subnormals, values past 448 and 57344), or random fp32
+    bit patterns plus the e4m3 and e5m2 rounding boundaries, each through a scale of 1 (exact division)
+    and a scale that rounds: stored bits equal the oracle's, in either fp8 format."""
     gen = seeded(4)
     if src_dtype == torch.float32:
         values = _special_fp32_bits(gen)
@@ -408,7 +423,7 @@ def test_fp8_quantization_matches_reference_on_every_source_value(backend, devic
     values = values.expand(-1, -1, 2, d).reshape(-1, heads, d).contiguous().to(device)  # [T, 16, 256]
     T = values.shape[0]
     scales = torch.tensor([1.0, 0.3], device=device).repeat(heads // 2)
-    kc, vc = poisoned((T, 1, heads, d), FP8, device), poisoned((T, 1, heads, d), FP8, device)
+    kc, vc = poisoned((T, 1, heads, d), fp8, device), poisoned((T, 1, heads, d), fp8, device)
     expect_k, expect_v = kc.clone(), vc.clone()
     slots = torch.arange(T, device=device)
     reference.append_kv_slots(values, values, expect_k, expect_v, slots, k_scale=scales, v_scale=scales.flip(0))
@@ -421,6 +436,54 @@ def test_fp8_quantization_matches_reference_on_every_source_value(backend, devic
         assert mismatch.numel() == 0, (
             f"{mismatch.shape[0]} fp8 values differ; first at {mismatch[0].tolist()}: "
             f"source {values.cpu()[tuple(mismatch[0, [0, 2, 3]])].item()!r}")
+
+
+# fp32 value -> the e5m2 byte cvt.rn.satfinite.e5m2x2.f32 gives (PTX ISA: round to nearest even;
+# .satfinite: |x| > 57344 (inf included) -> +-57344, NaN -> NaN, canonical 0x7F), written out by hand.
+E5M2_EDGES = [
+    (57344.0, 0x7B), (57343.996, 0x7B), (-57344.0, 0xFB),    # the largest finite e5m2, 1.75 * 2^15
+    (53248.0, 0x7A), (53248.004, 0x7B),                        # midpoint of 49152 and 57344: tie to even
+    (57344.004, 0x7B), (61439.996, 0x7B),                      # just above 57344: rounds down anyway
+    (61440.0, 0x7B), (-61440.0, 0xFB), (61440.004, 0x7B),      # the midpoint to 2^16, which RN rounds to inf
+    (65504.0, 0x7B), (1e30, 0x7B), (float("inf"), 0x7B), (float("-inf"), 0xFB),  # saturated, never inf
+    (float("nan"), 0x7F), (-float("nan"), 0x7F),              # canonical NaN, sign dropped
+    (0.0, 0x00), (-0.0, 0x80), (1e-40, 0x00), (-1e-40, 0x80),  # zeros keep their sign (fp32 subnormals too)
+    (2.0**-14, 0x04), (2.0**-16, 0x01), (3 * 2.0**-16, 0x03),  # smallest normal; subnormals are k * 2^-16
+    (2.0**-17, 0x00), (-2.0**-17, 0x80), (2.0**-17 * 1.0001, 0x01),  # half the smallest: tie to even (0)
+    (1.5 * 2.0**-16, 0x02), (2.5 * 2.0**-16, 0x02), (3.5 * 2.0**-16, 0x04),  # subnormal ties to even
+    (1.0, 0x3C), (1.125, 0x3C), (1.375, 0x3E), (-1.75, 0xBF), (2.0**15, 0x78),
+]
+
+
+@pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference-cpu")] + kernel_backends())
+def test_e5m2_edge_values_are_bit_exact(backend, device):
+    """The e5m2 conversion at its edges against bytes written out by hand (not the oracle): saturation
+    at 57344 for finite values past it and for +-inf, the 61440 boundary, subnormals and their ties,
+    signed zeros, NaN. Where torch's own cast differs (it rounds |x| >= 61440 and inf to inf and keeps
+    a NaN's sign), the hardware's conversion is the contract."""
+    values = torch.tensor([v for v, _ in E5M2_EDGES], dtype=torch.float32)
+    want = torch.tensor([b for _, b in E5M2_EDGES], dtype=torch.uint8)
+    n = values.numel()
+    k = torch.zeros(n, 1, 16)
+    k[:, 0, 0] = values
+    kc = poisoned((n, 1, 1, 16), E5M2, device)
+    vc = poisoned((n, 1, 1, 16), E5M2, device)
+    k = k.to(device)
+    kvkernels.append_kv_slots(k, k, kc, vc, torch.arange(n, device=device), k_scale=1.0, v_scale=1.0,
+                              backend=backend)
+    got = bits(kc)[:, 0, 0, 0]
+    bad = [(E5M2_EDGES[i][0], hex(int(got[i])), hex(int(want[i]))) for i in range(n) if got[i] != want[i]]
+    assert not bad, f"(value, stored, expected): {bad}"
+    assert torch.equal(bits(vc), bits(kc))
+
+
+def test_torch_e5m2_cast_differs_from_the_hardware():
+    """Why kvkernels.reference.e5m2_satfinite is not a plain `.to(torch.float8_e5m2)`: torch rounds
+    61440 and inf to inf and keeps a NaN's sign. If this fails, torch's cast changed: the reference's
+    explicit clamp and NaN are still right, but the note in reference.py should say so."""
+    x = torch.tensor([61440.0, float("inf"), -float("nan")])
+    assert bits(x.to(E5M2)).tolist() == [0x7C, 0x7C, 0xFF]
+    assert bits(reference.e5m2_satfinite(x)).tolist() == [0x7B, 0x7B, 0x7F]
 
 
 @pytest.mark.skipif(not INTERPRET, reason="about the Triton interpreter")

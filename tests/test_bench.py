@@ -36,9 +36,10 @@ def test_decode_bytes_are_the_attended_kv_plus_q_and_out():
     assert decode.decode_bytes([3, 0, 7], hq=4, hkv=2, head_dim=8, q_elem=2, kv_elem=2) == 10 * 2 * 8 * 2 * 2 + 2 * 3 * 4 * 8 * 2
 
 
-@pytest.mark.parametrize("fp8, kv_elem", [(False, 2), (True, 1)])
+@pytest.mark.parametrize("fp8, kv_elem", [(False, 2), (True, 1), ("e5m2", 1)])
 def test_decode_accounting_of_a_config_counts_the_cache_element_size(fp8, kv_elem):
     cfg = decode.make_config(batch=2, context=100, hq=8, hkv=2, head_dim=64, dtype="bf16", page_size=16, fp8=fp8)
+    assert cfg["kv_dtype"] == {False: "bf16", True: "fp8_e4m3", "e5m2": "fp8_e5m2"}[fp8]
     nbytes, flops = decode.accounting(cfg)
     assert nbytes == 2 * 100 * 2 * 64 * 2 * kv_elem + 2 * 2 * 8 * 64 * 2
     assert flops == 4 * 2 * 100 * 8 * 64
@@ -59,7 +60,7 @@ def test_append_bytes_are_sources_read_plus_slots_written(fp8, cache_elem):
     assert append.accounting(cfg) == (2 * 4 * 3 * 2 * 64 * (2 + cache_elem), 0)
 
 
-@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("fp8", [False, True, "e5m2"])
 def test_append_check_catches_slots_left_unwritten(fp8):
     cfg = append.make_config(batch=2, context=5, new_tokens=3, hq=4, hkv=2, head_dim=64, dtype="fp16",
                              page_size=4, fp8=fp8)

@@ -113,11 +113,12 @@ def test_attend_returns_lse(kind):
 
 
 @pytest.mark.parametrize("kind", ["paged", "contiguous"])
-def test_fp8_storage_holds_quantized_values_and_attends_them(kind):
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+def test_fp8_storage_holds_quantized_values_and_attends_them(kind, fp8):
     gen = seeded(3)
     k_scale = torch.tensor([[0.02, 0.05], [0.03, 0.01]])          # [layers, Hkv]
     v_scale = torch.tensor([0.04, 0.02])                            # [layers]
-    cache = make_cache(kind, dtype=torch.float8_e4m3fn, k_scale=k_scale, v_scale=v_scale)
+    cache = make_cache(kind, dtype=fp8, k_scale=k_scale, v_scale=v_scale)
     ids = [cache.allocate(), cache.allocate()]
     hist = History()
     for n in (6, 1, 1):
@@ -128,8 +129,8 @@ def test_fp8_storage_holds_quantized_values_and_attends_them(kind):
             cache.append(layer, ids, k, v)
             ks, vs = k_scale[layer], v_scale[layer].expand(HKV)
             # what the cache must hold, and what attention must read back
-            kq = reference.dequantize(reference.quantize(k, ks, torch.float8_e4m3fn), ks, torch.float32)
-            vq = reference.dequantize(reference.quantize(v, vs, torch.float8_e4m3fn), vs, torch.float32)
+            kq = reference.dequantize(reference.quantize(k, ks, fp8), ks, torch.float32)
+            vq = reference.dequantize(reference.quantize(v, vs, fp8), vs, torch.float32)
             hist.add(layer, ids, kq, vq)
             q = randn(2, HQ, D, gen=gen, dtype=torch.float16)
             out = cache.attend(layer, ids, q)
@@ -144,7 +145,7 @@ def test_fp8_storage_holds_quantized_values_and_attends_them(kind):
         stored = kc[page, pos % cache.page_size]
     else:
         stored = kc[ids[0], pos]
-    expect = reference.quantize(k[0, -1:], k_scale[1], torch.float8_e4m3fn)[0]
+    expect = reference.quantize(k[0, -1:], k_scale[1], fp8)[0]
     assert torch.equal(stored.view(torch.uint8), expect.view(torch.uint8))
 
 
@@ -362,12 +363,12 @@ def test_every_step_names_a_sequence_that_is_not_allocated(kind, freed):
 
 
 @pytest.mark.parametrize("kind", ["paged", "contiguous"])
-@pytest.mark.parametrize("dtype", [torch.float8_e5m2, torch.int8, torch.bool])
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fnuz, torch.int8, torch.bool])
 def test_storage_dtype_is_checked_at_construction(kind, dtype):
     with pytest.raises(TypeError, match="dtype must be one of") as e:
         make_cache(kind, dtype=dtype)
-    if dtype == torch.float8_e5m2:
-        assert "float8_e4m3fn" in str(e.value)
+    if dtype == torch.float8_e4m3fnuz:
+        assert "float8_e4m3fn or float8_e5m2" in str(e.value)
 
 
 @pytest.mark.parametrize("kind", ["paged", "contiguous"])

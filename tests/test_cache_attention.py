@@ -21,6 +21,7 @@ import kvkernels.cuda
 from kvkernels import reference
 
 FP8 = torch.float8_e4m3fn
+FP8_FORMATS = [pytest.param(torch.float8_e4m3fn, id="e4m3"), pytest.param(torch.float8_e5m2, id="e5m2")]
 BACKENDS = [pytest.param("reference", "cpu", id="reference-cpu"), *kernel_backends()]
 KERNEL_BACKENDS = kernel_backends()
 
@@ -41,9 +42,10 @@ class Case:
 
 
 def make_case(lens, n_q, *, hq=4, hkv=2, d=32, dtype=torch.float16, page_size=None, ragged=None, q_scale=1.0,
-              fp8_scales=None, device="cpu", seed=0) -> Case:
+              fp8_scales=None, fp8=FP8, device="cpu", seed=0) -> Case:
     """lens: cached tokens per sequence (including the new ones); n_q: an int (dense q [B, n_q, ...])
-    or a list of per-sequence query counts (ragged q)."""
+    or a list of per-sequence query counts (ragged q). fp8_scales: the cache holds fp8 values of
+    format fp8 (float8_e4m3fn or float8_e5m2)."""
     gen = seeded(seed)
     lens = lengths_tensor(lens)
     B = lens.numel()
@@ -65,8 +67,8 @@ def make_case(lens, n_q, *, hq=4, hkv=2, d=32, dtype=torch.float16, page_size=No
         else:
             k_scale = torch.rand(hkv, generator=gen) + 0.2
             v_scale = torch.rand(hkv, generator=gen) * 3 + 0.1
-        k = reference.quantize(k * 4, k_scale, FP8)
-        v = reference.quantize(v * 4, v_scale, FP8)
+        k = reference.quantize(k * 4, k_scale, fp8)
+        v = reference.quantize(v * 4, v_scale, fp8)
     if page_size is None:
         kc, vc, table = poison_contiguous(k.clone(), lens), poison_contiguous(v.clone(), lens), None
     else:
@@ -170,10 +172,11 @@ def test_parity_with_softcap_and_large_logits(backend, device, softcap):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("fp8", FP8_FORMATS)
 @pytest.mark.parametrize("scales", ["tensor", "head"])
 @pytest.mark.parametrize("page_size", [None, 5], ids=["contiguous", "page5"])
-def test_parity_with_fp8_cache(backend, device, scales, page_size):
-    case = make_case((40, 17), (4, 2), hq=8, hkv=2, page_size=page_size, fp8_scales=scales, device=device)
+def test_parity_with_fp8_cache(backend, device, scales, page_size, fp8):
+    case = make_case((40, 17), (4, 2), hq=8, hkv=2, page_size=page_size, fp8_scales=scales, fp8=fp8, device=device)
     check(backend, case)
 
 
@@ -395,9 +398,10 @@ def test_cuda_parity_with_softcap_and_large_logits(backend, device, softcap):
 @pytest.mark.parametrize("scales", ["tensor", "head"])
 @pytest.mark.parametrize("page_size", [None, 5], ids=["contiguous", "page5"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_cuda_parity_with_fp8_cache(backend, device, scales, page_size, dtype):
+@pytest.mark.parametrize("fp8", FP8_FORMATS)
+def test_cuda_parity_with_fp8_cache(backend, device, scales, page_size, dtype, fp8):
     case = make_case((40, 17), (4, 2), hq=8, hkv=2, d=64, dtype=dtype, page_size=page_size, fp8_scales=scales,
-                     device=device)
+                     fp8=fp8, device=device)
     check(backend, case)
 
 

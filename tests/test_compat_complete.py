@@ -11,7 +11,8 @@ criterion), on the reference, the Triton interpreter and the CUDA emulator:
   flash_attn_varlen_func   seqused_k (first seqused_k[b] keys of each span; paged: the lengths), out=
   packed functions         qkv [B, S, 3, H, D], kv [B, Sk, 2, Hkv, D] and their varlen forms, as views
   vLLM caches              k_scale/v_scale with 16-bit caches (value = stored * scale; 1.0 changes no bit),
-                           kv_cache_dtype "fp8"/"fp8_e4m3" on uint8 storage, e5m2 refused by name
+                           kv_cache_dtype "fp8"/"fp8_e4m3"/"fp8_e5m2" on uint8 storage (views: appends land
+                           in the caller's tensor), mixed fp8 formats refused by name
 
 Bad values raise before anything is written: the caches stay bit-identical.
 """
@@ -520,17 +521,18 @@ def test_rotary_append_to_a_scaled_16bit_cache_stores_the_rotated_key_over_the_s
 
 
 @pytest.mark.parametrize("backend,device", backends())
-@pytest.mark.parametrize("name", ["fp8", "fp8_e4m3"])
-def test_kv_cache_dtype_reads_and_writes_uint8_storage_as_e4m3(backend, device, name, use_backend):
+@pytest.mark.parametrize("name,fmt", [("fp8", torch.float8_e4m3fn), ("fp8_e4m3", torch.float8_e4m3fn),
+                                      ("fp8_e5m2", torch.float8_e5m2)], ids=["fp8", "fp8_e4m3", "fp8_e5m2"])
+def test_kv_cache_dtype_reads_and_writes_uint8_storage_as_fp8(backend, device, name, fmt, use_backend):
     gen = seeded(17)
     B, S_max = 2, 16
     lens = torch.tensor([5, 11], dtype=torch.int32)
-    fp8_k = randn(B, S_max, HKV, D, gen=gen).to(torch.float8_e4m3fn)
-    fp8_v = randn(B, S_max, HKV, D, gen=gen).to(torch.float8_e4m3fn)
+    fp8_k = randn(B, S_max, HKV, D, gen=gen).to(fmt)
+    fp8_v = randn(B, S_max, HKV, D, gen=gen).to(fmt)
     raw_k, raw_v = fp8_k.view(torch.uint8).to(device), fp8_v.view(torch.uint8).to(device)
     q = randn(B, HQ, D, gen=gen, device=device)
     scale = torch.tensor(0.5, device=device)
-    # Attention: the uint8 storage gives exactly what the float8_e4m3fn tensor gives.
+    # Attention: the uint8 storage gives exactly what the float8 tensor of that format gives.
     want = run_or_skip(backend, lambda: kvkernels.decode_attention(q, fp8_k.to(device), fp8_v.to(device),
                                                                    lens.to(device), k_scale=scale, backend=backend))
     got = kvkernels.decode_attention(q, raw_k, raw_v, lens.to(device), k_scale=scale, kv_cache_dtype=name,
@@ -541,7 +543,7 @@ def test_kv_cache_dtype_reads_and_writes_uint8_storage_as_e4m3(backend, device, 
                                                                   lens.to(device), backend=backend))
     got = kvkernels.cache_attention(q3, raw_k, raw_v, lens.to(device), kv_cache_dtype=name, backend=backend)
     assert torch.equal(got, want)
-    # Appends land in the caller's uint8 tensor (a view, not a copy), as the e4m3 append stores them.
+    # Appends land in the caller's uint8 tensor (a view, not a copy), as the fp8 append stores them.
     k, v = randn(B, 2, HKV, D, gen=gen, device=device), randn(B, 2, HKV, D, gen=gen, device=device)
     ek, ev = fp8_k.to(device), fp8_v.to(device)
     run_or_skip(backend, lambda: kvkernels.append_kv(k, v, ek, ev, lens.to(device), k_scale=scale, backend=backend))
@@ -554,20 +556,26 @@ def test_kv_cache_dtype_reads_and_writes_uint8_storage_as_e4m3(backend, device, 
 
 
 @pytest.mark.parametrize("op", ["decode", "cache_attention", "append_kv", "append_kv_slots"])
-def test_e5m2_caches_are_refused_by_name(op):
+def test_mixed_or_misnamed_fp8_formats_are_refused_by_name(op):
+    """k e4m3 with v e5m2 (one format for both caches: the kernels convert K and V alike), and a float8
+    tensor of the other format than kv_cache_dtype names, raise TypeError before anything is written."""
     q, k = randn(2, HQ, D), randn(2, 1, HKV, D)
-    raw = torch.zeros(2, 8, HKV, D, dtype=torch.uint8)
+    e4m3 = torch.zeros(2, 8, HKV, D, dtype=torch.float8_e4m3fn)
     e5m2 = torch.zeros(2, 8, HKV, D, dtype=torch.float8_e5m2)
     lens = _i32(3, 4)
-    calls = {"decode": lambda c, **kw: kvkernels.decode_attention(q, c, c.clone(), lens, **kw),
-             "cache_attention": lambda c, **kw: kvkernels.cache_attention(q[:, None], c, c.clone(), lens, **kw),
-             "append_kv": lambda c, **kw: kvkernels.append_kv(k, k, c, c.clone(), lens, **kw),
-             "append_kv_slots": lambda c, **kw: kvkernels.append_kv_slots(k[:, 0], k[:, 0], c, c.clone(), lens, **kw)}
-    with pytest.raises(NotImplementedError, match="e5m2"):
-        calls[op](raw, kv_cache_dtype="fp8_e5m2")
-    with pytest.raises(NotImplementedError, match="e5m2"):
-        calls[op](e5m2)
-    assert not raw.any() and not e5m2.view(torch.uint8).any()
+    calls = {"decode": lambda kc, vc, **kw: kvkernels.decode_attention(q, kc, vc, lens, **kw),
+             "cache_attention": lambda kc, vc, **kw: kvkernels.cache_attention(q[:, None], kc, vc, lens, **kw),
+             "append_kv": lambda kc, vc, **kw: kvkernels.append_kv(k, k, kc, vc, lens, **kw),
+             "append_kv_slots": lambda kc, vc, **kw: kvkernels.append_kv_slots(k[:, 0], k[:, 0], kc, vc, lens, **kw)}
+    with pytest.raises(TypeError, match="one fp8 format"):
+        calls[op](e4m3, e5m2)
+    with pytest.raises(TypeError, match="one fp8 format"):
+        calls[op](e5m2, e4m3)
+    with pytest.raises(TypeError, match="reads k_cache as float8_e5m2"):
+        calls[op](e4m3, e4m3.clone(), kv_cache_dtype="fp8_e5m2")
+    with pytest.raises(TypeError, match="reads k_cache as float8_e4m3fn"):
+        calls[op](e5m2, e5m2.clone(), kv_cache_dtype="fp8")
+    assert not e4m3.view(torch.uint8).any() and not e5m2.view(torch.uint8).any()
 
 
 # ---------------------------------------------------------------------------------- torch.compile

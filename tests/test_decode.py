@@ -23,6 +23,7 @@ import kvkernels
 from kvkernels import api, decode_plan, reference
 
 FP8 = torch.float8_e4m3fn
+FP8_FORMATS = [pytest.param(torch.float8_e4m3fn, id="e4m3"), pytest.param(torch.float8_e5m2, id="e5m2")]
 BACKENDS = [pytest.param("reference", "cpu", id="reference-cpu"), *kernel_backends()]
 KERNEL_BACKENDS = kernel_backends()
 
@@ -45,9 +46,10 @@ class Case:
 
 
 def make_case(lens, *, hq=4, hkv=2, d=64, dtype=torch.float16, page_size=None, capacity=None, q_scale=1.0,
-              fp8_scales=None, device="cpu", seed=0) -> Case:
+              fp8_scales=None, fp8=FP8, device="cpu", seed=0) -> Case:
     """page_size None: contiguous [B, capacity, Hkv, D]; else shuffled pages of that size.
-    fp8_scales: None, "tensor" (shape []) or "head" (shape [Hkv]): the cache holds e4m3 values."""
+    fp8_scales: None, "tensor" (shape []) or "head" (shape [Hkv]): the cache holds fp8 values of
+    format fp8 (float8_e4m3fn or float8_e5m2)."""
     gen = seeded(seed)
     lens = lengths_tensor(lens)
     B = lens.numel()
@@ -63,8 +65,8 @@ def make_case(lens, *, hq=4, hkv=2, d=64, dtype=torch.float16, page_size=None, c
             k_scale = torch.rand(hkv, generator=gen) + 0.2
             v_scale = torch.rand(hkv, generator=gen) * 3 + 0.1
         # Values beyond e4m3's range saturate, as the cache would hold them.
-        k = reference.quantize(k * 4, k_scale, FP8)
-        v = reference.quantize(v * 4, v_scale, FP8)
+        k = reference.quantize(k * 4, k_scale, fp8)
+        v = reference.quantize(v * 4, v_scale, fp8)
     if page_size is None:
         kc, vc = poison_contiguous(k.clone(), lens), poison_contiguous(v.clone(), lens)
         table = None
@@ -236,19 +238,54 @@ def test_parity_with_softcap(backend, device, softcap, dtype):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("fp8", FP8_FORMATS)
 @pytest.mark.parametrize("scales", ["tensor", "head"])
 @pytest.mark.parametrize("dtype,page_size", [(torch.float16, None), (torch.bfloat16, 16), (torch.float16, 5)],
                          ids=["fp16-contiguous", "bf16-page16", "fp16-page5"])
-def test_parity_with_fp8_cache(backend, device, scales, dtype, page_size):
-    case = make_case((1, 17, 113, 65), hq=8, hkv=2, dtype=dtype, page_size=page_size, fp8_scales=scales,
+def test_parity_with_fp8_cache(backend, device, scales, dtype, page_size, fp8):
+    case = make_case((1, 17, 113, 65), hq=8, hkv=2, dtype=dtype, page_size=page_size, fp8_scales=scales, fp8=fp8,
                      device=device)
     check(backend, case)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-def test_parity_with_fp8_cache_mha_and_splits(backend, device):
-    case = make_case((17, 200), hq=2, hkv=2, page_size=64, fp8_scales="head", device=device)
+@pytest.mark.parametrize("fp8", FP8_FORMATS)
+def test_parity_with_fp8_cache_mha_and_splits(backend, device, fp8):
+    case = make_case((17, 200), hq=2, hkv=2, page_size=64, fp8_scales="head", fp8=fp8, device=device)
     check(backend, case, num_splits=3, softcap=20.0, window_left=150)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_e5m2_cache_reads_every_code_exactly(backend, device, dtype):
+    """Every finite e5m2 code (subnormals, +-0, +-57344; +-inf sits past the lengths) reads back exactly: one-hot attention (one huge score per query head) returns the value
+    row of the key it picks, times v_scale, which a widening that lost a bit would change."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    finite = codes[torch.isfinite(codes.view(torch.float8_e5m2).float())]  # 248 codes
+    d, hq, hkv = 64, 4, 1
+    rows = -(-finite.numel() // d)  # value rows holding every finite code once
+    v = torch.zeros(rows + 1, d, dtype=torch.uint8)
+    v.view(-1)[:finite.numel()] = finite
+    v[rows, : d // 2], v[rows, d // 2:] = 0x7C, 0xFC  # +-inf: in the cache, past every sequence's length
+    # key r is the one-hot direction r: query head h looks at key h (of the rows)
+    k = torch.zeros(rows + 1, d, dtype=torch.uint8)
+    for r in range(rows + 1):
+        k[r, r] = 0x3C  # 1.0
+    k = k.view(torch.float8_e5m2)
+    v = v.view(torch.float8_e5m2)
+    length = rows + 1
+    kc = torch.zeros(hq, length + 3, hkv, d, dtype=torch.float8_e5m2)
+    vc = torch.zeros_like(kc)
+    kc[:, :length, 0] = k
+    vc[:, :length, 0] = v
+    q = torch.zeros(hq, hq, d, dtype=dtype)
+    for b in range(hq):
+        q[b, :, b] = 1000.0  # sequence b attends one-hot to key b ... of its first `rows` positions
+    lens = torch.full((hq,), rows, dtype=torch.int32)
+    out = run_or_skip(backend, lambda: kvkernels.decode_attention(
+        q.to(device), kc.to(device), vc.to(device), lens.to(device), k_scale=1.0, v_scale=1.0, backend=backend))
+    want = v[:hq].float()  # [hq (sequence b -> key b), D]
+    assert torch.equal(out.cpu().float()[:, 0], want), "an e5m2 code did not read back exactly"
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

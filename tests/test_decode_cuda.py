@@ -65,8 +65,9 @@ def test_config_reason_names_what_the_kernels_cannot_take(make, reason):
 
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("dtype,cache_dtype", [(torch.float16, None), (torch.bfloat16, None),
-                                               (torch.bfloat16, FP8), (torch.float16, FP8)],
-                         ids=["fp16", "bf16", "bf16-fp8", "fp16-fp8"])
+                                               (torch.bfloat16, FP8), (torch.float16, FP8),
+                                               (torch.bfloat16, torch.float8_e5m2)],
+                         ids=["fp16", "bf16", "bf16-fp8", "fp16-fp8", "bf16-e5m2"])
 def test_config_reason_accepts_supported_layouts(d, dtype, cache_dtype):
     q, k_cache, v_cache = _tensors(d=d, dtype=dtype, cache_dtype=cache_dtype)
     assert cuda_decode.config_reason(q, k_cache, v_cache) is None
@@ -164,6 +165,8 @@ HOST_PROGRAM = r"""
 #include <cstdio>
 #include <cstring>
 #include <cstdint>
+#include <cuda_fp8.h>
+#include "common/dtype.cuh"
 #include "kernels/decode_params.h"
 #include "kernels/decode_util.cuh"
 #include "launch/decode.h"
@@ -188,17 +191,45 @@ static int check_div(uint32_t d) {
   return 0;
 }
 
+// The portable fp32 -> e5m2 conversion (what sm_80 and the emulator run) against the toolkit's host
+// code for cvt.rn.satfinite.e5m2x2.f32, __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E5M2), on
+// every fp32 whose top 20 bits (sign, exponent, 11 mantissa bits) are anything and whose low 12 bits
+// are one of 0, 1, 0x7FF, 0x800, 0x801, 0xFFF: every exponent and NaN/inf, the rounding bit and the
+// sticky bits around each tie (6 * 2^20 values; all 2^32 agree too, checked by hand in 10 s).
+static long check_e5m2() {
+  const uint32_t lows[] = {0x000u, 0x001u, 0x7FFu, 0x800u, 0x801u, 0xFFFu};
+  long bad = 0;
+  for (uint32_t top = 0; top < (1u << 20); ++top) {
+    for (uint32_t low : lows) {
+      const uint32_t b = (top << 12) | low;
+      float x;
+      memcpy(&x, &b, 4);
+      if (kvk::e5m2_from_float_portable(x) != __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E5M2)) ++bad;
+    }
+  }
+  return bad;
+}
+
 int main(int argc, char** argv) {
-  if (argc > 1 && !strcmp(argv[1], "fp8")) {
+  if (argc > 1 && (!strcmp(argv[1], "fp8") || !strcmp(argv[1], "e5m2"))) {
+    const bool e5m2 = !strcmp(argv[1], "e5m2");
     // code i in byte i % 4 of a word whose other bytes are other codes: every code in every lane
     for (int i = 0; i < 256; ++i) {
       uint32_t w = 0;
       for (int k = 0; k < 4; ++k) w |= static_cast<uint32_t>((i + 97 * k) & 0xFF) << (8 * ((i + k) % 4));
       uint32_t h[2];
-      kvk::decode::e4m3x4_to_half2x2(w, h[0], h[1]);
+      if (e5m2) {
+        kvk::decode::e5m2x4_to_half2x2(w, h[0], h[1]);
+      } else {
+        kvk::decode::e4m3x4_to_half2x2(w, h[0], h[1]);
+      }
       const int byte = i % 4;
       printf("%d %u\n", i, (h[byte / 2] >> (16 * (byte % 2))) & 0xFFFFu);
     }
+    return 0;
+  }
+  if (argc > 1 && !strcmp(argv[1], "e5m2-convert")) {
+    printf("%ld\n", check_e5m2());
     return 0;
   }
   if (argc > 1 && !strcmp(argv[1], "rows")) {
@@ -253,17 +284,26 @@ def host_program(tmp_path_factory):
                                         timeout=120).stdout
 
 
-def test_fp8_widening_matches_torch_for_every_code(host_program):
-    # The below-sm_89 arithmetic of e4m3x4_to_half2x2 (bit moves + one fp16 multiply), run on the host.
-    rows = [tuple(int(x) for x in line.split()) for line in host_program("fp8").splitlines()]
+@pytest.mark.parametrize("fmt,dtype,nans", [("fp8", FP8, 2), ("e5m2", torch.float8_e5m2, 6)], ids=["e4m3", "e5m2"])
+def test_fp8_widening_matches_torch_for_every_code(host_program, fmt, dtype, nans):
+    # The below-sm_89 arithmetic of e4m3x4_to_half2x2 (bit moves + one fp16 multiply) and the byte moves
+    # of e5m2x4_to_half2x2 (every architecture), run on the host.
+    rows = [tuple(int(x) for x in line.split()) for line in host_program(fmt).splitlines()]
     assert [r[0] for r in rows] == list(range(256))
-    want = torch.arange(256, dtype=torch.uint8).view(FP8).to(torch.float16)
+    want = torch.arange(256, dtype=torch.uint8).view(dtype).to(torch.float16)
     got = torch.tensor([r[1] for r in rows], dtype=torch.int32).to(torch.int16).view(torch.float16)
     nan = torch.isnan(want)
-    assert int(nan.sum()) == 2  # 0x7F and 0xFF
+    assert int(nan.sum()) == nans  # e4m3: 0x7F and 0xFF; e5m2: S.11111.{01,10,11}
     assert torch.equal(torch.isnan(got), nan)
-    assert torch.equal(got[~nan], want[~nan])
+    assert torch.equal(got[~nan], want[~nan])  # e5m2's +-inf included
     assert torch.equal(torch.signbit(got[~nan]), torch.signbit(want[~nan]))  # -0 stays -0
+
+
+def test_e5m2_conversion_matches_the_toolkits_model_of_the_hardware(host_program):
+    """e5m2_from_float_portable (sm_80 and the emulator; sm_89+ runs cvt.rn.satfinite.e5m2x2.f32 itself)
+    equals the toolkit's host code for that instruction on a dense sample of fp32 values; the append
+    tests hold the kernels to kvkernels.reference, so the reference follows the hardware too."""
+    assert host_program("e5m2-convert").strip() == "0"
 
 
 def test_page_division_is_exact(host_program):

@@ -39,7 +39,7 @@ def test_formula_matches_real_cache_storage():
         assert cache.memory_bytes() == kv_cache_bytes(3, 2, 32, tokens, batch, cache.dtype)
 
 
-@pytest.mark.parametrize("dtype,size", [(torch.float32, 4), ("fp16", 2), ("bf16", 2), ("fp8", 1)])
+@pytest.mark.parametrize("dtype,size", [(torch.float32, 4), ("fp16", 2), ("bf16", 2), ("fp8", 1), ("fp8_e5m2", 1)])
 def test_bytes_scale_with_dtype(dtype, size):
     assert memory.dtype_bytes(dtype) == size
     assert kv_cache_bytes(2, 4, 64, 10, 3, dtype) == 2 * 2 * 4 * 64 * 10 * 3 * size

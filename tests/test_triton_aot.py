@@ -100,9 +100,15 @@ def _prefill_estimate(target, cfg, constexprs):
     return prefill.smem_bytes(target, meta["BLOCK_M"], meta["BLOCK_N"], constexprs["BLOCK_D"], cfg.num_stages)
 
 
+def _fp8_dtype(fp8):
+    """fp8: False, True (float8_e4m3fn) or an fp8 dtype -> the cache's fp8 dtype, or None."""
+    return fp8 if isinstance(fp8, torch.dtype) else torch.float8_e4m3fn if fp8 else None
+
+
 def _full_cache(b, s_max, hkv, d, page_size, fp8, dtype):
-    """(k cache, block table or None, fp8 scale or None, seqlens) of b full sequences of s_max tokens."""
-    cache_dtype = torch.float8_e4m3fn if fp8 else dtype
+    """(k cache, block table or None, fp8 scale or None, seqlens) of b full sequences of s_max tokens;
+    fp8: False, True (e4m3) or the fp8 dtype."""
+    cache_dtype = _fp8_dtype(fp8) or dtype
     if page_size is None:
         kc = torch.empty(b, s_max, hkv, d, dtype=cache_dtype)
         table = None
@@ -127,10 +133,11 @@ def _decode(d, hq, hkv, *, page_size=None, fp8=False, splits=1, softcap=0.0, dty
 
 
 def _append(d, hkv, *, mode="contiguous", src=torch.float16, fp8=False, rotary=None):
-    """rotary: None, or (rotary_dim, interleaved, table dtype) for the fused rotary embedding."""
+    """rotary: None, or (rotary_dim, interleaved, table dtype) for the fused rotary embedding; fp8: False,
+    True (e4m3) or the fp8 dtype."""
     def plan(target):
         from kvkernels.triton import append
-        cache_dtype = torch.float8_e4m3fn if fp8 else src
+        cache_dtype = _fp8_dtype(fp8) or src
         scale = torch.ones(hkv) if fp8 else None
         rot = None
         if rotary is not None:
@@ -181,7 +188,8 @@ def _fp8_ok(target):
 # One row per kernel variant. Prefill: every head-dim bucket in the short (<= 512 queries, one fixed
 # config) and long (autotune list) buckets, varlen, bf16, softcap and an odd head dim; decode: the
 # split kernel contiguous / paged (page-aligned and gathered), MHA and GQA, softcap, fp8, and the
-# merge; append: contiguous, paged, slots, fp8 quantisation.
+# merge; append: contiguous, paged, slots, fp8 quantisation. e5m2 decodes and appends use no fp8 type
+# (bytes, shifts and integer rounding), so they are compiled, and claimed, for every target.
 VARIANTS = (
     Variant("prefill-d64-short", _prefill(64, 64), dot=True, wide_loads=True, estimate=_prefill_estimate),
     Variant("prefill-d128-short-varlen", _prefill(128, 100, varlen=True), dot=True, wide_loads=True,
@@ -204,6 +212,8 @@ VARIANTS = (
                                                             dtype=torch.bfloat16), dot=True, wide_loads=True),
     Variant("decode-d128-gqa-paged64-fp8-splits", _decode(128, 8, 2, page_size=64, fp8=True, splits=3), dot=True,
             wide_loads=True, supported=_fp8_ok),
+    Variant("decode-d128-gqa-paged16-e5m2-bf16", _decode(128, 8, 2, page_size=16, fp8=torch.float8_e5m2,
+                                                         dtype=torch.bfloat16), dot=True, wide_loads=True),
     Variant("cache-d128-gqa4-speculative4-paged16", _cache(128, 8, 2, 4), dot=True, wide_loads=True),
     Variant("cache-d128-gqa4-chunk512-ragged-paged16", _cache(128, 8, 2, 512, ragged=True), dot=True,
             wide_loads=True),
@@ -218,6 +228,8 @@ VARIANTS = (
     Variant("append-d64-paged-fp8-from-bf16", _append(64, 4, mode="paged", src=torch.bfloat16, fp8=True),
             dot=False, wide_loads=True),
     Variant("append-d128-slots", _append(128, 2, mode="slots"), dot=False, wide_loads=True),
+    Variant("append-d128-paged-e5m2-from-fp16", _append(128, 2, mode="paged", fp8=torch.float8_e5m2), dot=False,
+            wide_loads=True),
     # fused rotary: libdevice mul_rn/add_rn/sub_rn must compile (the interpreter never runs them)
     Variant("append-d128-paged-rotary-neox-bf16", _append(128, 8, mode="paged", src=torch.bfloat16,
                                                           rotary=(128, False, torch.float32)),
@@ -396,11 +408,13 @@ def test_prefill_configs_follow_the_shared_memory_limit():
 
 
 def test_fp8_decode_is_declined_below_sm89(monkeypatch):
-    """Triton has no e4m3 below sm_89: the wrapper declines fp8 caches there with that reason (auto
-    choice then takes the next backend), and takes them from sm_89 on."""
-    from kvkernels.triton import decode
+    """Triton has no e4m3 below sm_89: the wrapper declines e4m3 caches there with that reason (auto
+    choice then takes the next backend), and takes them from sm_89 on. e5m2 caches (read as bytes,
+    widened by a shift: VARIANTS compiles them for sm_80 too) are taken everywhere."""
+    from kvkernels.triton import cache_attn, decode
     q = torch.empty(2, 8, 128, dtype=torch.float16)
     cache = torch.empty(2, 64, 2, 128, dtype=torch.float8_e4m3fn)
+    e5m2 = torch.empty(2, 64, 2, 128, dtype=torch.float8_e5m2)
     for target, declined in ((TARGETS["sm_80"], True), (Target((8, 6), 101_376), True),
                              (TARGETS["sm_89"], False), (TARGETS["sm_90"], False)):
         monkeypatch.setattr(decode, "device_target", lambda _device, t=target: t)
@@ -408,6 +422,9 @@ def test_fp8_decode_is_declined_below_sm89(monkeypatch):
         assert (reason is not None) == declined, (target, reason)
         if declined:
             assert "8.9" in reason and f"sm_{target.arch}" in reason
+        assert cache_attn.unsupported("cache_attention", q=q[:, None], k_cache=cache) == reason
+        assert decode.unsupported("decode", q=q, k_cache=e5m2) is None
+        assert cache_attn.unsupported("cache_attention", q=q[:, None], k_cache=e5m2) is None
 
 
 if __name__ == "__main__":

@@ -62,12 +62,28 @@ __host__ __device__ __forceinline__ uint4 pack_from_float(const float (&in)[kVec
   return v.raw;
 }
 
-// fp8 e4m3 packs two at a time (one cvt instruction per pair on sm_89+).
+// fp8 e4m3 and e5m2 pack two at a time (one cvt instruction per pair on sm_89+).
 template <>
 __host__ __device__ __forceinline__ uint4 pack_from_float<__nv_fp8_e4m3>(const float (&in)[16]) {
   Vec16<__nv_fp8_e4m3> v;
 #pragma unroll
   for (int i = 0; i < 8; ++i) v.u16[i] = float2_to_e4m3x2_sat(in[2 * i], in[2 * i + 1]);
+  return v.raw;
+}
+
+template <>
+__host__ __device__ __forceinline__ uint4 pack_from_float<__nv_fp8_e5m2>(const float (&in)[16]) {
+  Vec16<__nv_fp8_e5m2> v;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v.u16[i] = float2_to_e5m2x2_sat(in[2 * i], in[2 * i + 1]);
+  return v.raw;
+}
+
+// Either fp8 format, named at run time (e5m2 true: float8_e5m2): one copy of the code.
+__host__ __device__ __forceinline__ uint4 pack_fp8(const float (&in)[16], bool e5m2) {
+  Vec16<__nv_fp8_e4m3> v;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v.u16[i] = float2_to_fp8x2_sat(in[2 * i], in[2 * i + 1], e5m2);
   return v.raw;
 }
 

@@ -7,9 +7,11 @@
 // page or slot outside the cache is skipped, never accessed (the public API rejects them when it
 // can see the indices without a device sync; this is the guarantee when it cannot).
 //
-// fp8 e4m3 caches store saturate(value / scale[h]) rounded to nearest even, bit for bit what
-// kvkernels.reference.quantize computes: IEEE division (__fdiv_rn, whatever the compiler flags),
-// then the conversion of common/dtype.cuh.
+// fp8 caches (e4m3 or e5m2) store saturate(value / scale[h]) rounded to nearest even, bit for bit
+// what kvkernels.reference.quantize computes: IEEE division (__fdiv_rn, whatever the compiler flags),
+// then the conversion of common/dtype.cuh (e4m3 as torch's clamp-and-cast, e5m2 as the hardware's
+// cvt.rn.satfinite). One kernel per source and mode serves both formats (Cache = uint8_t, the fp8
+// bytes): p.fp8_e5m2 picks the conversion, a uniform branch, so e5m2 added no kernel to the build.
 //
 // Fused rotary embedding (kRotary): the key vector is widened to fp32 and its first rotary_dim
 // elements rotated at the token's position, x1*cos - x2*sin and x2*cos + x1*sin with every product
@@ -33,14 +35,15 @@
 
 namespace kvk {
 
-// Src == Cache == uint8_t is the bit copy (any dtype, strides in bytes); otherwise Cache is fp8.
+// Src == Cache is a cache of the source's dtype (Src == Cache == uint8_t: the bit copy, any dtype,
+// strides in bytes); otherwise Cache is uint8_t, fp8 bytes of the format p.fp8_e5m2 names.
 template <typename Src, typename Cache>
 struct AppendTraits {
   static constexpr bool kQuantize = !std::is_same<Src, Cache>::value;
   static constexpr int kCacheElems = 16 / int(sizeof(Cache));   // cache elements per 16-byte store
   static constexpr int kSrcElems = 16 / int(sizeof(Src));       // source elements per 16-byte load
   static constexpr int kSrcLoads = kCacheElems / kSrcElems;     // 16-byte loads per store
-  static_assert(!kQuantize || std::is_same<Cache, __nv_fp8_e4m3>::value, "quantized caches are fp8 e4m3");
+  static_assert(!kQuantize || std::is_same<Cache, uint8_t>::value, "quantized caches are fp8 bytes");
   static_assert(kSrcLoads * kSrcElems == kCacheElems, "source element no narrower than the cache's");
 };
 
@@ -223,16 +226,18 @@ __host__ __device__ __forceinline__ void st_global_v4(void* ptr, const uint4& v)
 #endif
 }
 
-// The rotated key's cache vector: rounded to the cache dtype, or fp8 of value / scale.
+// The rotated key's cache vector: rounded to the cache dtype, or fp8 (e5m2: p.fp8_e5m2) of value / scale.
 template <typename Src, typename Cache>
 __host__ __device__ __forceinline__ uint4 rotated_convert(float (&x)[AppendTraits<Src, Cache>::kCacheElems],
-                                                         float scale) {
+                                                         float scale, bool e5m2) {
   using Tr = AppendTraits<Src, Cache>;
   if constexpr (Tr::kQuantize) {
 #pragma unroll
     for (int e = 0; e < Tr::kCacheElems; ++e) x[e] = div_rn(x[e], scale);
+    return pack_fp8(x, e5m2);
+  } else {
+    return pack_from_float<Cache>(x);
   }
-  return pack_from_float<Cache>(x);
 }
 
 // The sign bit of element e of a 16-byte vector of Src, from its bits.
@@ -247,13 +252,13 @@ __host__ __device__ __forceinline__ uint32_t sign_bit(const uint4& raw, int e) {
   }
 }
 
-// The 16-byte cache vector for kSrcLoads source vectors: a copy, or fp8 of value / scale.
+// The 16-byte cache vector for kSrcLoads source vectors: a copy, or fp8 (e5m2 or e4m3) of value / scale.
 // A NaN source keeps its sign, as in the reference (NaN / scale in torch): the device's fp16 -> fp32
 // conversion and its division both return the canonical, positive NaN, so the sign is put back
-// from the source's bits.
+// from the source's bits (e4m3 stores it; e5m2 stores the canonical 0x7F whatever the sign).
 template <typename Src, typename Cache>
 __host__ __device__ __forceinline__ uint4 append_convert(const uint4 (&src)[AppendTraits<Src, Cache>::kSrcLoads],
-                                                float scale) {
+                                                float scale, bool e5m2) {
   using Tr = AppendTraits<Src, Cache>;
   if constexpr (!Tr::kQuantize) {
     return src[0];
@@ -269,7 +274,7 @@ __host__ __device__ __forceinline__ uint4 append_convert(const uint4 (&src)[Appe
         values[j * Tr::kSrcElems + e] = q != q ? float_from_bits(0x7FC00000u | (sign_bit<Src>(src[j], e) << 31)) : q;
       }
     }
-    return pack_from_float<Cache>(values);
+    return pack_fp8(values, e5m2);
   }
 }
 
@@ -337,21 +342,22 @@ __host__ __device__ __forceinline__ void append_thread(const AppendParams& p, in
     k_scale = p.k_scale[h * p.k_scale_stride];
     v_scale = p.v_scale[h * p.v_scale_stride];
   }
+  const bool e5m2 = p.fp8_e5m2 != 0;
   if constexpr (kRotary) {
     float x[Tr::kCacheElems];
     widen<Src, Cache>(k_in, x);
     rotate_key<Src, Cache>(p, k_src - col, col, pos, x);
-    st_global_v4(k_dst, rotated_convert<Src, Cache>(x, k_scale));
-    st_global_v4(v_dst, append_convert<Src, Cache>(v_in, v_scale));
+    st_global_v4(k_dst, rotated_convert<Src, Cache>(x, k_scale, e5m2));
+    st_global_v4(v_dst, append_convert<Src, Cache>(v_in, v_scale, e5m2));
   } else {
-    st_global_16(k_dst, append_convert<Src, Cache>(k_in, k_scale));
-    st_global_16(v_dst, append_convert<Src, Cache>(v_in, v_scale));
+    st_global_16(k_dst, append_convert<Src, Cache>(k_in, k_scale, e5m2));
+    st_global_16(v_dst, append_convert<Src, Cache>(v_in, v_scale, e5m2));
   }
 }
 
 // The kernel: append_thread for every thread of the grid.
 //   p.k, p.v              [B, S_new, Hkv, D] Src (slots, ragged: [T, 1, Hkv, D])
-//   p.k_cache, p.v_cache  [num_pages, page_size, Hkv, D] Cache
+//   p.k_cache, p.v_cache  [num_pages, page_size, Hkv, D] Cache (uint8_t for fp8: p.fp8_e5m2 names the format)
 //   p.cache_seqlens       [B] int32 (contiguous/paged), p.block_table [B, max_pages] int32 (paged),
 //   p.cu_seqlens          [B + 1] int32 (ragged), p.slot_mapping [T] SlotT (slots),
 //   p.k_scale/p.v_scale   [Hkv] fp32 (fp8 caches)

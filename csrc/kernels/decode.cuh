@@ -1,5 +1,5 @@
 // Decode attention: one query token per sequence against its KV cache (contiguous or paged, fp16 /
-// bf16 / fp8-e4m3), split-KV with a deterministic merge; and cache attention, its generalisation to
+// bf16 / fp8 e4m3 or e5m2), split-KV with a deterministic merge; and cache attention, its generalisation to
 // several query tokens per sequence (chunked prefill, speculative verification), from the same kernel
 // template. CUDA headers only.
 //
@@ -23,7 +23,9 @@
 //   the head dim of P V. Warp states are merged through shared memory at the end, in warp order.
 // * fp8 caches: bytes land in a raw stage, are widened to q's dtype into a compute tile (exact), and
 //   the per-head scales are folded out of the loop: k_scale into the score scale, v_scale into the
-//   final normalisation.
+//   final normalisation. One kernel per layout reads both fp8 formats (CacheT = uint8_t, the raw
+//   bytes): p.fp8_e5m2 picks the widening, a block-uniform branch per tile (e5m2 is two byte
+//   permutes, e4m3 a few integer ops and an fp16 multiply below sm_89, a cvt from it).
 // * Safety without host checks: lengths are clamped to the cache's capacity; rows past a split, or
 //   behind a page index outside [0, num_pages), are zero-filled by the copy (nothing is read) and
 //   masked out of the softmax; a sliding window starts the first split at the window's first
@@ -67,7 +69,8 @@ __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); 
 
 constexpr int max_int(int a, int b) { return a > b ? a : b; }
 
-// Compile-time shape of one instantiation: T is q's dtype (and the MMA type), CacheT the cache's.
+// Compile-time shape of one instantiation: T is q's dtype (and the MMA type), CacheT the cache's
+// (uint8_t: fp8 bytes of either format).
 template <typename T, typename CacheT, int D>
 struct Traits {
   static_assert(D == 64 || D == 128 || D == 256, "head dims 64, 128, 256");
@@ -174,8 +177,9 @@ struct TileLoader {
   }
 };
 
-// fp8 only: widens a raw [kTokens][D] e4m3 stage into a swizzled T-typed tile.
-template <typename T, int D, int kTokens>
+// fp8 only: widens a raw [kTokens][D] stage of fp8 codes (e4m3, or e5m2 with kE5m2) into a swizzled
+// T-typed tile.
+template <typename T, int D, int kTokens, bool kE5m2>
 __device__ __forceinline__ void widen_tile(const unsigned char* raw, unsigned char* tile, int tid) {
   constexpr int kRawChunksPerRow = D / 16;
 #pragma unroll
@@ -185,7 +189,7 @@ __device__ __forceinline__ void widen_tile(const unsigned char* raw, unsigned ch
     const int col = c % kRawChunksPerRow;
     const uint4 in = *reinterpret_cast<const uint4*>(raw + c * 16);
     uint4 lo, hi;
-    widen_e4m3x16<T>(in, lo, hi);
+    widen_fp8x16<T, kE5m2>(in, lo, hi);
     *reinterpret_cast<uint4*>(tile + swizzle<D>(row, 2 * col)) = lo;
     *reinterpret_cast<uint4*>(tile + swizzle<D>(row, 2 * col + 1)) = hi;
   }
@@ -384,8 +388,15 @@ __global__ void __launch_bounds__(kThreads, 2) kvk_decode_kernel(const __grid_co
     const int st = tile % kS;
     uint32_t k_tile, v_tile;
     if (Tr::kFp8) {
-      widen_tile<T, D, kT>(smem + st * Tr::kStageBytes, widened, tid);
-      widen_tile<T, D, kT>(smem + kS * Tr::kStageBytes + st * Tr::kStageBytes, widened + Tr::kTileBytes, tid);
+      const unsigned char* k_raw = smem + st * Tr::kStageBytes;
+      const unsigned char* v_raw = smem + kS * Tr::kStageBytes + st * Tr::kStageBytes;
+      if (p.fp8_e5m2) {
+        widen_tile<T, D, kT, true>(k_raw, widened, tid);
+        widen_tile<T, D, kT, true>(v_raw, widened + Tr::kTileBytes, tid);
+      } else {
+        widen_tile<T, D, kT, false>(k_raw, widened, tid);
+        widen_tile<T, D, kT, false>(v_raw, widened + Tr::kTileBytes, tid);
+      }
       __syncthreads();
       k_tile = smem_u32(widened);
       v_tile = smem_u32(widened + Tr::kTileBytes);

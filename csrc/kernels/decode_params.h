@@ -36,8 +36,14 @@
 
 namespace kvk {
 
-// Element type of q/out (the MMA type) and of the cache.
-enum class DecodeDType : int { kHalf = 0, kBFloat16 = 1, kFloat8E4M3 = 2 };
+// Element type of q/out (the MMA type) and of the cache. Both fp8 formats run the same kernels (one
+// fp8 instantiation per q dtype, head dim and layout): the launcher sets DecodeParams::fp8_e5m2 and
+// the kernel's widening step branches on it, so e5m2 added no kernel to the build.
+enum class DecodeDType : int { kHalf = 0, kBFloat16 = 1, kFloat8E4M3 = 2, kFloat8E5M2 = 3 };
+
+constexpr bool decode_dtype_is_fp8(DecodeDType t) {
+  return t == DecodeDType::kFloat8E4M3 || t == DecodeDType::kFloat8E5M2;
+}
 
 // n / d and n % d by a multiply and a shift (d fixed per launch, n < 2^31): the page of every row
 // loaded is position / page_size, and an integer division would cost ~20 instructions per row.
@@ -77,7 +83,7 @@ struct DecodeParams {
   const void* q;             // [B, Hq, D] fp16/bf16 (dense [B, Sq, Hq, D], ragged [Tq, Hq, D]);
                              // strides q_stride_b (0 when ragged), q_stride_t (0 for decode), q_stride_h
   const void* k_cache;       // contiguous [B, S_max, Hkv, D] or paged [num_pages, page_size, Hkv, D];
-                             // q's dtype or fp8 e4m3
+                             // q's dtype or fp8 (e4m3 or e5m2: fp8_e5m2)
   const void* v_cache;       // same shape and dtype as k_cache (its own strides)
   const int32_t* seqlens;    // [B] cache_seqlens, stride seqlens_stride
   const int32_t* block_table;  // [B, max_pages] (paged only, else nullptr)
@@ -128,6 +134,9 @@ struct DecodeParams {
   int num_splits;   // >= 1
   int split_tokens; // tokens per split (a multiple of the kernel's KV tile); split s of a block covers
                     // [start + s * split_tokens, ...) where start is the window start of the block's first row
+
+  // ---- set by the launcher from the cache dtype (csrc/launch/decode_launch.cuh)
+  int fp8_e5m2;     // fp8 caches: 1 = float8_e5m2, 0 = float8_e4m3fn (block-uniform branch of the widening)
 
   // ---- derived by the launcher (csrc/launch/decode.cu)
   int m_tiles;      // 16-row MMA tiles of rows per block: 1, 2 or 4

@@ -1,10 +1,11 @@
-// Building blocks of the decode kernels: the fp8 e4m3 -> fp16/bf16 widening of a 16-byte cache
-// vector, plus (through common/ptx.cuh) the PTX wrappers they share with prefill (cp.async,
+// Building blocks of the decode kernels: the fp8 (e4m3, e5m2) -> fp16/bf16 widening of a 16-byte
+// cache vector, plus (through common/ptx.cuh) the PTX wrappers they share with prefill (cp.async,
 // ldmatrix, mma.sync m16n8k16, ex2). CUDA headers only.
 //
 // The fp8 widening is __host__ __device__ (below sm_89 it is integer code plus one fp16 multiply),
 // so tests/test_decode_cuda.py compiles it for the host and checks it against torch for all 256
-// codes (the host takes the same arithmetic as sm_80, with shifts for the byte permutes).
+// codes of each format (the host takes the same arithmetic as sm_80, with shifts for the byte
+// permutes).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -57,22 +58,46 @@ KVK_DECODE_HD void e4m3x4_to_half2x2(uint32_t w, uint32_t& lo, uint32_t& hi) {
 #endif
 }
 
-// Sixteen e4m3 codes (one 16-byte cache vector) -> sixteen values of T (two 16-byte vectors).
-template <typename T>
-__device__ __forceinline__ void widen_e4m3x16(const uint4& in, uint4& lo, uint4& hi);
+// Four float8_e5m2 codes -> two half2 registers, laid out as e4m3x4_to_half2x2's. Exact and a pure
+// byte move: an e5m2 code is the upper byte of the fp16 of the same value (same sign, the same 5
+// exponent bits and bias 15, its 2 mantissa bits the top of fp16's 10), subnormals, infinities and
+// NaN included. Two byte permutes on every architecture (cvt.rn.f16x2.e5m2x2 would be no cheaper).
+KVK_DECODE_HD void e5m2x4_to_half2x2(uint32_t w, uint32_t& lo, uint32_t& hi) {
+#if defined(__CUDA_ARCH__)
+  lo = __byte_perm(w, 0u, 0x1404u);  // bytes [0, c0, 0, c1]
+  hi = __byte_perm(w, 0u, 0x3424u);  // bytes [0, c2, 0, c3]
+#else
+  lo = ((w & 0x000000FFu) << 8) | ((w & 0x0000FF00u) << 16);
+  hi = ((w & 0x00FF0000u) >> 8) | (w & 0xFF000000u);
+#endif
+}
+
+// Sixteen fp8 codes (one 16-byte cache vector, e4m3 or, with kE5m2, e5m2) -> sixteen values of T
+// (two 16-byte vectors).
+template <typename T, bool kE5m2>
+__device__ __forceinline__ void widen_fp8x16(const uint4& in, uint4& lo, uint4& hi);
 
 template <>
-__device__ __forceinline__ void widen_e4m3x16<__half>(const uint4& in, uint4& lo, uint4& hi) {
+__device__ __forceinline__ void widen_fp8x16<__half, false>(const uint4& in, uint4& lo, uint4& hi) {
   e4m3x4_to_half2x2(in.x, lo.x, lo.y);
   e4m3x4_to_half2x2(in.y, lo.z, lo.w);
   e4m3x4_to_half2x2(in.z, hi.x, hi.y);
   e4m3x4_to_half2x2(in.w, hi.z, hi.w);
 }
 
-// bf16: through fp16 and fp32, both exact for e4m3 values (bf16 keeps 7 mantissa bits, e4m3 has 3).
 template <>
-__device__ __forceinline__ void widen_e4m3x16<__nv_bfloat16>(const uint4& in, uint4& lo, uint4& hi) {
-  widen_e4m3x16<__half>(in, lo, hi);
+__device__ __forceinline__ void widen_fp8x16<__half, true>(const uint4& in, uint4& lo, uint4& hi) {
+  e5m2x4_to_half2x2(in.x, lo.x, lo.y);
+  e5m2x4_to_half2x2(in.y, lo.z, lo.w);
+  e5m2x4_to_half2x2(in.z, hi.x, hi.y);
+  e5m2x4_to_half2x2(in.w, hi.z, hi.w);
+}
+
+// bf16: through fp16 and fp32, both exact for fp8 values (bf16 keeps 8 exponent and 7 mantissa bits:
+// e4m3 has 3 mantissa bits, e5m2 2, and e5m2's smallest subnormal 2^-16 is a normal bf16).
+template <bool kE5m2>
+__device__ __forceinline__ void widen_fp8x16_bf16(const uint4& in, uint4& lo, uint4& hi) {
+  widen_fp8x16<__half, kE5m2>(in, lo, hi);
   const uint32_t src[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
   uint32_t dst[8];
 #pragma unroll
@@ -83,6 +108,16 @@ __device__ __forceinline__ void widen_e4m3x16<__nv_bfloat16>(const uint4& in, ui
   }
   lo = make_uint4(dst[0], dst[1], dst[2], dst[3]);
   hi = make_uint4(dst[4], dst[5], dst[6], dst[7]);
+}
+
+template <>
+__device__ __forceinline__ void widen_fp8x16<__nv_bfloat16, false>(const uint4& in, uint4& lo, uint4& hi) {
+  widen_fp8x16_bf16<false>(in, lo, hi);
+}
+
+template <>
+__device__ __forceinline__ void widen_fp8x16<__nv_bfloat16, true>(const uint4& in, uint4& lo, uint4& hi) {
+  widen_fp8x16_bf16<true>(in, lo, hi);
 }
 
 }  // namespace decode

@@ -1,6 +1,7 @@
 // Instantiations and host launcher of the append kernels: 4 source kinds x 6 addressing modes
 // (contiguous and paged, each dense or ragged; int32 slots, int64 slots) = 24 small kernels, and
 // their rotary twins over the 6 typed sources (fp16, bf16, fp32 caches; fp8 from each) = 36 more.
+// The fp8 kernels (cache type uint8_t) write e4m3 and e5m2 alike, as p.fp8_e5m2 says.
 // The rotary layout (NeoX / GPT-J) and the table dtype are runtime flags: a uniform branch costs
 // less than doubling the instantiations again.
 #include "common/launch.cuh"
@@ -62,11 +63,11 @@ cudaError_t launch_append(AppendParams p, AppendSource source, AppendMode mode, 
       case AppendSource::kFloat:
         return launch_for_source<float, float, true>(p, mode, slot_int64, grid, stream);
       case AppendSource::kHalfToFp8:
-        return launch_for_source<__half, __nv_fp8_e4m3, true>(p, mode, slot_int64, grid, stream);
+        return launch_for_source<__half, uint8_t, true>(p, mode, slot_int64, grid, stream);
       case AppendSource::kBf16ToFp8:
-        return launch_for_source<__nv_bfloat16, __nv_fp8_e4m3, true>(p, mode, slot_int64, grid, stream);
+        return launch_for_source<__nv_bfloat16, uint8_t, true>(p, mode, slot_int64, grid, stream);
       case AppendSource::kFloatToFp8:
-        return launch_for_source<float, __nv_fp8_e4m3, true>(p, mode, slot_int64, grid, stream);
+        return launch_for_source<float, uint8_t, true>(p, mode, slot_int64, grid, stream);
       default:
         return cudaErrorInvalidValue;  // a byte copy has no type to rotate in
     }
@@ -75,11 +76,11 @@ cudaError_t launch_append(AppendParams p, AppendSource source, AppendMode mode, 
     case AppendSource::kCopy:
       return launch_for_source<uint8_t, uint8_t>(p, mode, slot_int64, grid, stream);
     case AppendSource::kHalfToFp8:
-      return launch_for_source<__half, __nv_fp8_e4m3>(p, mode, slot_int64, grid, stream);
+      return launch_for_source<__half, uint8_t>(p, mode, slot_int64, grid, stream);
     case AppendSource::kBf16ToFp8:
-      return launch_for_source<__nv_bfloat16, __nv_fp8_e4m3>(p, mode, slot_int64, grid, stream);
+      return launch_for_source<__nv_bfloat16, uint8_t>(p, mode, slot_int64, grid, stream);
     case AppendSource::kFloatToFp8:
-      return launch_for_source<float, __nv_fp8_e4m3>(p, mode, slot_int64, grid, stream);
+      return launch_for_source<float, uint8_t>(p, mode, slot_int64, grid, stream);
     default:
       break;  // the typed sources are for the rotary kernels only
   }

@@ -25,12 +25,13 @@ enum class AppendMode : int {
 // new tokens of all sequences back to back, sequence b's n_b = cu_seqlens[b + 1] - cu_seqlens[b]
 // tokens from row cu_seqlens[b], token i of them going to position cache_seqlens[b] + i.
 
-// What the source holds; the cache is the source's own dtype (a bit copy) or fp8 e4m3 (quantized).
+// What the source holds; the cache is the source's own dtype (a bit copy) or fp8 (quantized; e4m3 or
+// e5m2 as AppendParams::fp8_e5m2 says: the same kernels).
 enum class AppendSource : int {
   kCopy = 0,       // cache dtype == source dtype (any element size): bytes are copied unchanged
-  kHalfToFp8 = 1,  // fp16 source, fp8 e4m3 cache
-  kBf16ToFp8 = 2,  // bf16 source, fp8 e4m3 cache
-  kFloatToFp8 = 3, // fp32 source, fp8 e4m3 cache
+  kHalfToFp8 = 1,  // fp16 source, fp8 cache
+  kBf16ToFp8 = 2,  // bf16 source, fp8 cache
+  kFloatToFp8 = 3, // fp32 source, fp8 cache
   // Caches of the source's dtype seen as that dtype (strides in elements): the rotary kernels, which
   // compute on the key, need the type; without rotary such appends are kCopy.
   kHalf = 4,
@@ -70,6 +71,7 @@ struct AppendParams {
   const float* k_scale;  // [Hkv] fp32, stride 0 for one scale per tensor (fp8 caches)
   const float* v_scale;
   int64_t k_scale_stride, v_scale_stride;
+  int32_t fp8_e5m2;      // fp8 caches: 1 = float8_e5m2, 0 = float8_e4m3fn (K and V alike)
 
   // Fused rotary embedding of the keys (rotary_cos != nullptr selects the rotary kernels): the key
   // of a token at position pos is rotated over its first 2 * rotary_half dims in fp32 before it is

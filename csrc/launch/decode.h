@@ -3,7 +3,7 @@
 // (csrc/ops/decode.cpp) includes it cheaply.
 //
 // Requirements the caller checks (csrc/ops/decode.cpp; kvkernels/cuda/decode.py routes other
-// layouts to Triton): head_dim 64, 128 or 256; q/out fp16 or bf16; the cache q's dtype or fp8 e4m3;
+// layouts to Triton): head_dim 64, 128 or 256; q/out fp16 or bf16; the cache q's dtype or fp8 (e4m3, e5m2);
 // q, out, k_cache and v_cache 16-byte aligned with every stride of a dimension longer than one a
 // multiple of 16 bytes; capacity < 2^30; with num_splits > 1 a workspace of
 // [num_splits, B, Hq, D] + [num_splits, B, Hq] fp32 and num_splits * split_tokens covering the

@@ -1,7 +1,8 @@
 // Launch templates of the decode kernels, included by one .cu file per head dim and op
 // (decode_hd64/128/256.cu: kCacheAttn = false; cache_attention_hd64/128/256.cu: true) so the six
 // compile in parallel. Each file instantiates 8 kernels (q fp16/bf16 x cache same/fp8 x
-// contiguous/paged) and 2 merges (the merge is shared: the same template in both ops' files).
+// contiguous/paged) and 2 merges (the merge is shared: the same template in both ops' files). The fp8
+// kernels (CacheT = uint8_t, raw fp8 bytes) read e4m3 and e5m2 alike: p.fp8_e5m2 picks the widening.
 #pragma once
 
 #include <atomic>
@@ -45,10 +46,12 @@ cudaError_t launch_typed(const DecodeParams& p, cudaStream_t stream) {
 }
 
 template <typename T, int D, bool kCacheAttn>
-cudaError_t launch_cache(const DecodeParams& p, DecodeDType cache_dtype, bool paged, cudaStream_t stream) {
-  if (cache_dtype == DecodeDType::kFloat8E4M3) {
-    return paged ? launch_typed<T, __nv_fp8_e4m3, D, true, kCacheAttn>(p, stream)
-                 : launch_typed<T, __nv_fp8_e4m3, D, false, kCacheAttn>(p, stream);
+cudaError_t launch_cache(const DecodeParams& params, DecodeDType cache_dtype, bool paged, cudaStream_t stream) {
+  DecodeParams p = params;
+  p.fp8_e5m2 = cache_dtype == DecodeDType::kFloat8E5M2 ? 1 : 0;
+  if (decode_dtype_is_fp8(cache_dtype)) {
+    return paged ? launch_typed<T, uint8_t, D, true, kCacheAttn>(p, stream)
+                 : launch_typed<T, uint8_t, D, false, kCacheAttn>(p, stream);
   }
   return paged ? launch_typed<T, T, D, true, kCacheAttn>(p, stream)
                : launch_typed<T, T, D, false, kCacheAttn>(p, stream);
@@ -57,7 +60,7 @@ cudaError_t launch_cache(const DecodeParams& p, DecodeDType cache_dtype, bool pa
 template <int D, bool kCacheAttn>
 cudaError_t launch_head_dim(const DecodeParams& p, DecodeDType q_dtype, DecodeDType cache_dtype, bool paged,
                             cudaStream_t stream) {
-  if (cache_dtype != q_dtype && cache_dtype != DecodeDType::kFloat8E4M3) return cudaErrorInvalidValue;
+  if (cache_dtype != q_dtype && !decode_dtype_is_fp8(cache_dtype)) return cudaErrorInvalidValue;
   switch (q_dtype) {
     case DecodeDType::kHalf: return launch_cache<__half, D, kCacheAttn>(p, cache_dtype, paged, stream);
     case DecodeDType::kBFloat16: return launch_cache<__nv_bfloat16, D, kCacheAttn>(p, cache_dtype, paged, stream);

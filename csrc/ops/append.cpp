@@ -24,10 +24,14 @@ using at::Tensor;
 // The append messages name only the argument (the raw ops are append_kv and append_kv_slots).
 constexpr char kOp[] = "";
 
+bool is_fp8(const Tensor& cache) {
+  return cache.scalar_type() == c10::ScalarType::Float8_e4m3fn || cache.scalar_type() == c10::ScalarType::Float8_e5m2;
+}
+
 AppendSource source_kind(const Tensor& src, const Tensor& cache) {
   if (src.scalar_type() == cache.scalar_type()) return AppendSource::kCopy;
-  TORCH_CHECK(cache.scalar_type() == c10::ScalarType::Float8_e4m3fn, "k/v dtype ", src.scalar_type(),
-              " must equal the cache dtype ", cache.scalar_type(), " (only float8_e4m3fn caches convert)");
+  TORCH_CHECK(is_fp8(cache), "k/v dtype ", src.scalar_type(), " must equal the cache dtype ", cache.scalar_type(),
+              " (only float8_e4m3fn and float8_e5m2 caches convert)");
   switch (src.scalar_type()) {
     case at::kHalf: return AppendSource::kHalfToFp8;
     case at::kBFloat16: return AppendSource::kBf16ToFp8;
@@ -42,10 +46,10 @@ void set_scale(const char* name, const std::optional<Tensor>& scale, bool quanti
   ptr = nullptr;
   stride = 0;
   if (!quantize) {
-    TORCH_CHECK(!scale.has_value(), name, " is only used with a float8_e4m3fn cache");
+    TORCH_CHECK(!scale.has_value(), name, " is only used with an fp8 (float8_e4m3fn or float8_e5m2) cache");
     return;
   }
-  TORCH_CHECK(scale.has_value(), name, " is required with a float8_e4m3fn cache (fp32 [Hkv])");
+  TORCH_CHECK(scale.has_value(), name, " is required with an fp8 cache (fp32 [Hkv])");
   const Tensor& s = *scale;
   check_device(kOp, name, s, cache);
   TORCH_CHECK(s.scalar_type() == at::kFloat, name, " must be float32, got ", s.scalar_type());
@@ -157,6 +161,7 @@ AppendSource fill_common(AppendParams& p, const Tensor& k, const Tensor& v, cons
   p.page_size = k_cache.size(1);
   set_scale("k_scale", k_scale, quantize, k_cache, p.k_scale, p.k_scale_stride);
   set_scale("v_scale", v_scale, quantize, k_cache, p.v_scale, p.v_scale_stride);
+  p.fp8_e5m2 = k_cache.scalar_type() == c10::ScalarType::Float8_e5m2 ? 1 : 0;
   p.batch = static_cast<int32_t>(batch);
   p.seq_new = static_cast<int32_t>(seq_new);
   p.num_heads = static_cast<int32_t>(heads);
@@ -173,7 +178,7 @@ void launch(const AppendParams& p, AppendSource source, AppendMode mode, bool sl
 // k/v [B, S_new, Hkv, D], or ragged [T, Hkv, D] with cu_seqlens [B + 1] int32 (sequence b's tokens
 // are rows cu_seqlens[b] .. cu_seqlens[b + 1] - 1); caches [B, S_max, Hkv, D] or, with block_table
 // [B, max_pages] int32, [num_pages, page_size, Hkv, D]; cache_seqlens [B] int32; k_scale/v_scale
-// fp32 [Hkv] (fp8 caches). cu_seqlens values are not read here (that would synchronise): the kernel
+// fp32 [Hkv] (fp8 caches: float8_e4m3fn or float8_e5m2). cu_seqlens values are not read here (that would synchronise): the kernel
 // skips a token that falls in no sequence.
 void append_kv(const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_cache, const Tensor& cache_seqlens,
                const std::optional<Tensor>& block_table, const std::optional<Tensor>& k_scale,

@@ -27,7 +27,7 @@ using at::Tensor;
 constexpr char kOp[] = "decode: ";  // prefix of the messages of the shared checks (ops/checks.h)
 
 // q [B, Hq, D] fp16/bf16; k_cache/v_cache [B, S_max, Hkv, D] or, with block_table [B, max_pages] int32,
-// [num_pages, page_size, Hkv, D], q's dtype or float8_e4m3fn; cache_seqlens [B] int32;
+// [num_pages, page_size, Hkv, D], q's dtype, float8_e4m3fn or float8_e5m2; cache_seqlens [B] int32;
 // k_scale/v_scale fp32 [Hkv] (fp8 only). Writes out [B, Hq, D] (q's dtype) and lse [B, Hq] fp32;
 // with num_splits > 1 uses workspace_out [num_splits, B, Hq, D] and workspace_lse [num_splits, B, Hq]
 // fp32 (contiguous). Split s covers attended positions [start + s * split_tokens, ...) where start is

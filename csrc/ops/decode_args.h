@@ -28,10 +28,13 @@ inline DecodeDType decode_dtype_of(const char* op, const char* name, const at::T
     case at::kFloat8_e4m3fn:
       if (allow_fp8) return DecodeDType::kFloat8E4M3;
       break;
+    case at::kFloat8_e5m2:
+      if (allow_fp8) return DecodeDType::kFloat8E5M2;
+      break;
     default: break;
   }
-  TORCH_CHECK(false, op, name, " must be float16 or bfloat16", allow_fp8 ? " or float8_e4m3fn" : "", ", got ",
-              t.scalar_type());
+  TORCH_CHECK(false, op, name, " must be float16 or bfloat16", allow_fp8 ? ", float8_e4m3fn or float8_e5m2" : "",
+              ", got ", t.scalar_type());
   return DecodeDType::kHalf;  // unreachable
 }
 
@@ -42,7 +45,7 @@ inline void decode_set_scale(const char* op, const char* name, const std::option
   ptr = nullptr;
   stride = 0;
   if (!fp8 && !scale.has_value()) return;
-  TORCH_CHECK(scale.has_value(), op, name, " is required with a float8_e4m3fn cache (fp32 [Hkv])");
+  TORCH_CHECK(scale.has_value(), op, name, " is required with an fp8 cache (fp32 [Hkv])");
   const at::Tensor& s = *scale;
   check_device(op, name, s, q);
   TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 1 && s.size(0) == hkv, op, name,
@@ -69,9 +72,9 @@ inline DecodeDType decode_set_cache(const char* op, const at::Tensor& q, const a
   check_device(op, "cache_seqlens", cache_seqlens, q);
   const DecodeDType q_dtype = decode_dtype_of(op, "q", q, /*allow_fp8=*/false);
   const DecodeDType cache_dtype = decode_dtype_of(op, "k_cache", k_cache, /*allow_fp8=*/true);
-  const bool fp8 = cache_dtype == DecodeDType::kFloat8E4M3;
+  const bool fp8 = decode_dtype_is_fp8(cache_dtype);
   TORCH_CHECK(fp8 || cache_dtype == q_dtype, op, "the cache must have q's dtype ", q.scalar_type(),
-              " or float8_e4m3fn, got ", k_cache.scalar_type());
+              ", float8_e4m3fn or float8_e5m2, got ", k_cache.scalar_type());
   const int64_t hkv = k_cache.size(2);
   TORCH_CHECK(d == 64 || d == 128 || d == 256, op, "head dim ", d, " is not one of 64, 128, 256");
   TORCH_CHECK(k_cache.size(3) == d, op, "k_cache head dim ", k_cache.size(3), " != q's ", d);

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .peers import FP8_MAX, Case, cache_layout, dtype_of, elem_size, gather_rows, quantize, scatter_rows
+from .peers import (FP8_DTYPES, FP8_MAX, Case, cache_layout, dtype_of, elem_size, fp8_kv_dtype, gather_rows, quantize,
+                    scatter_rows)
 
 OP = "append"
 LENGTH_KEY = "context"
@@ -30,7 +31,7 @@ def accounting(config: dict) -> tuple[int, int]:
 
 def make_config(batch, context, new_tokens, hq, hkv, head_dim, dtype, page_size=0, fp8=False, preset=None) -> dict:
     return {"batch": batch, "context": context, "new_tokens": new_tokens, "hq": hq, "hkv": hkv, "head_dim": head_dim,
-            "dtype": dtype, "kv_dtype": "fp8_e4m3" if fp8 else dtype, "paged": bool(page_size),
+            "dtype": dtype, "kv_dtype": fp8_kv_dtype(fp8) or dtype, "paged": bool(page_size),
             "page_size": page_size or None, "causal": False, "preset": preset}
 
 
@@ -49,7 +50,7 @@ def build(config: dict, device, n_sets: int, seed: int = 0) -> Case:
     k_cache = torch.randn(cache_shape, generator=gen, device=device, dtype=torch.float32).to(kv_dtype)
     v_cache = torch.randn(cache_shape, generator=gen, device=device, dtype=torch.float32).to(kv_dtype)
     k_scale = v_scale = None
-    if kv_dtype == torch.float8_e4m3fn:
+    if kv_dtype in FP8_DTYPES:
         k_scale = torch.tensor(FP8_SCALE, dtype=torch.float32, device=device)
         v_scale = torch.tensor(FP8_SCALE, dtype=torch.float32, device=device)
     sets, rows = [], []

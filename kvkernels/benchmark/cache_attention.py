@@ -25,7 +25,7 @@ import math
 import torch
 
 from .decode import FP8_SCALE, _randn
-from .peers import Case, Unsupported, cache_layout, dtype_of, elem_size, max_abs_error
+from .peers import FP8_DTYPES, Case, Unsupported, cache_layout, dtype_of, elem_size, fp8_kv_dtype, max_abs_error
 
 OP = "cache"
 LENGTH_KEY = "context"
@@ -56,7 +56,7 @@ def make_config(batch, context, queries, hq, hkv, head_dim, dtype, page_size=16,
                 decode_context=0, scenario=None, preset=None) -> dict:
     return {"batch": batch, "context": context, "queries": queries, "decode_batch": decode_batch,
             "decode_context": decode_context or context, "hq": hq, "hkv": hkv, "head_dim": head_dim,
-            "dtype": dtype, "kv_dtype": "fp8_e4m3" if fp8 else dtype, "paged": bool(page_size),
+            "dtype": dtype, "kv_dtype": fp8_kv_dtype(fp8) or dtype, "paged": bool(page_size),
             "page_size": page_size or None, "causal": True, "scenario": scenario, "preset": preset}
 
 
@@ -94,7 +94,7 @@ def build(config: dict, device, n_sets: int, seed: int = 0) -> Case:
     shared = {}
     block_table, cache_shape = cache_layout(config, B, capacity, hkv, d, device, seed, shared)
     k_scale = v_scale = None
-    if kv_dtype == torch.float8_e4m3fn:
+    if kv_dtype in FP8_DTYPES:
         k_scale = torch.tensor(FP8_SCALE, dtype=torch.float32, device=device)
         v_scale = torch.tensor(FP8_SCALE, dtype=torch.float32, device=device)
         shared["k_scale_value"] = shared["v_scale_value"] = FP8_SCALE
@@ -245,7 +245,7 @@ def prepare_flashinfer(case: Case, flashinfer, plan):
     plan(wrapper, sh["cu_seqlens_q"], indptr, indices, last, cfg["hq"], cfg["hkv"], cfg["head_dim"], ps,
          causal=True, q_data_type=case.dtype, kv_data_type=case.kv_dtype)
     run = getattr(wrapper, "run", None) or wrapper.forward
-    if case.kv_dtype == torch.float8_e4m3fn:
+    if case.kv_dtype in FP8_DTYPES:
         ks, vs = float(sh["k_scale_value"]), float(sh["v_scale_value"])
         return lambda i: run(s[i]["q"], (s[i]["k"], s[i]["v"]), k_scale=ks, v_scale=vs)  # noqa: E731
     return lambda i: run(s[i]["q"], (s[i]["k"], s[i]["v"]))  # noqa: E731

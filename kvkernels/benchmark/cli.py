@@ -163,7 +163,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             s.add_argument("--context", type=sizes(1), default=None,
                            help="tokens already in each sequence's cache, e.g. 1k,4k")
             s.add_argument("--page-size", type=sizes(0), default=None, help="page sizes; 0 = contiguous cache, e.g. 0,16")
-            s.add_argument("--fp8", choices=("off", "on", "both"), default=None, help="fp8 e4m3 KV cache")
+            s.add_argument("--fp8", choices=("off", "on", "both"), default=None,
+                           help="fp8 KV cache (format: --fp8-format)")
+            s.add_argument("--fp8-format", choices=("e4m3", "e5m2"), default="e4m3",
+                           help="the fp8 cache's format with --fp8 on/both: float8_e4m3fn (default) or float8_e5m2")
         if op == "append":
             s.add_argument("--new-tokens", type=sizes(1), default=None, help="tokens appended per sequence, e.g. 1,512")
         if op == "prefill":
@@ -217,8 +220,10 @@ def build_configs(op: str, args, device) -> list[dict]:
     batches = parse_sizes(batch, 1) if batch is not None else [None]  # cache: None = the scenario's own
     dtypes = parse_list(_value(args, "dtype", d))
     configs = []
+    fp8_format = getattr(args, "fp8_format", None) or "e4m3"
     if op == "decode":
         for fp8 in _switch(_value(args, "fp8", d)):
+            fp8 = fp8 and fp8_format
             for ps in parse_sizes(_value(args, "page_size", d)):
                 for (hq, hkv, hd, preset) in shapes:
                     for dt in dtypes:
@@ -234,6 +239,7 @@ def build_configs(op: str, args, device) -> list[dict]:
                             configs.append(prefill.make_config(b, s, hq, hkv, hd, dt, causal, preset))
     elif op == "append":
         for fp8 in _switch(_value(args, "fp8", d)):
+            fp8 = fp8 and fp8_format
             for ps in parse_sizes(_value(args, "page_size", d)):
                 for (hq, hkv, hd, preset) in shapes:
                     for dt in dtypes:

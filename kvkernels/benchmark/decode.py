@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .peers import Case, cache_layout, dtype_of, elem_size, max_abs_error
+from .peers import FP8_DTYPES, Case, cache_layout, dtype_of, elem_size, fp8_kv_dtype, max_abs_error
 
 OP = "decode"
 LENGTH_KEY = "context"
@@ -38,7 +38,7 @@ def accounting(config: dict) -> tuple[int, int]:
 
 def make_config(batch, context, hq, hkv, head_dim, dtype, page_size=0, fp8=False, preset=None) -> dict:
     return {"batch": batch, "context": context, "hq": hq, "hkv": hkv, "head_dim": head_dim, "dtype": dtype,
-            "kv_dtype": "fp8_e4m3" if fp8 else dtype, "paged": bool(page_size), "page_size": page_size or None,
+            "kv_dtype": fp8_kv_dtype(fp8) or dtype, "paged": bool(page_size), "page_size": page_size or None,
             "causal": False, "preset": preset}
 
 
@@ -47,7 +47,7 @@ def set_bytes(config: dict) -> int:
 
 
 def _randn(shape, dtype, device, gen):
-    if dtype == torch.float8_e4m3fn:
+    if dtype in FP8_DTYPES:
         return torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16).to(dtype)
     return torch.randn(shape, generator=gen, device=device, dtype=dtype)
 
@@ -62,7 +62,7 @@ def build(config: dict, device, n_sets: int, seed: int = 0) -> Case:
     shared = {}
     block_table, cache_shape = cache_layout(config, B, ctx, hkv, d, device, seed, shared)
     k_scale = v_scale = None
-    if kv_dtype == torch.float8_e4m3fn:
+    if kv_dtype in FP8_DTYPES:
         k_scale = torch.tensor(FP8_SCALE, dtype=torch.float32, device=device)
         v_scale = torch.tensor(FP8_SCALE, dtype=torch.float32, device=device)
         shared["k_scale_value"] = shared["v_scale_value"] = FP8_SCALE

@@ -24,8 +24,20 @@ from dataclasses import dataclass, field
 
 import torch
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp8_e4m3": torch.float8_e4m3fn}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp8_e4m3": torch.float8_e4m3fn,
+          "fp8_e5m2": torch.float8_e5m2}
 FP8_MAX = 448.0
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def fp8_kv_dtype(fp8) -> str | None:
+    """A config's fp8 switch (False, True = e4m3, or "e4m3" / "e5m2") -> its kv_dtype name, or None."""
+    if not fp8:
+        return None
+    fmt = "e4m3" if fp8 is True else fp8
+    if fmt not in ("e4m3", "e5m2"):
+        raise ValueError(f"fp8 format must be 'e4m3' or 'e5m2', got {fp8!r}")
+    return f"fp8_{fmt}"
 
 
 def dtype_of(name: str) -> torch.dtype:
@@ -237,7 +249,7 @@ def _prepare_flex(case: Case):
 def _bytes_view(x: torch.Tensor) -> torch.Tensor:
     # fp8 tensors are indexed through a uint8 view: advanced indexing of float8 dtypes is not
     # implemented on every device and torch version, and a byte copy is exact.
-    return x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x
+    return x.view(torch.uint8) if x.dtype in FP8_DTYPES else x
 
 
 def gather_rows(x: torch.Tensor, index) -> torch.Tensor:
@@ -251,7 +263,7 @@ def scatter_rows(x: torch.Tensor, index, values: torch.Tensor) -> None:
 
 
 def _dequant(x: torch.Tensor, scale, dtype) -> torch.Tensor:
-    if x.dtype == torch.float8_e4m3fn:
+    if x.dtype in FP8_DTYPES:
         return x.to(dtype) * scale.to(dtype)
     return x
 
@@ -285,6 +297,9 @@ def naive_prefill(q, k, v, scale: float, causal_mask=None):
 
 
 def quantize(x: torch.Tensor, scale, cache_dtype) -> torch.Tensor:
+    if cache_dtype == torch.float8_e5m2:
+        from ..reference import e5m2_satfinite  # the hardware's conversion (saturating, canonical NaN)
+        return e5m2_satfinite(x.float() / scale)
     if cache_dtype == torch.float8_e4m3fn:
         return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(cache_dtype)
     return x.to(cache_dtype)
@@ -373,7 +388,7 @@ def _prepare_flashinfer(case: Case):
         _flashinfer_plan(wrapper, indptr, indices, last, cfg["hq"], cfg["hkv"], cfg["head_dim"], ps,
                          q_data_type=case.dtype, kv_data_type=case.kv_dtype)
         run = getattr(wrapper, "run", None) or wrapper.forward
-        if case.kv_dtype == torch.float8_e4m3fn:
+        if case.kv_dtype in FP8_DTYPES:
             ks, vs = float(case.shared["k_scale_value"]), float(case.shared["v_scale_value"])
             fn = lambda i: run(s[i]["q"], (s[i]["k"], s[i]["v"]), k_scale=ks, v_scale=vs)  # noqa: E731
         else:

@@ -150,7 +150,8 @@ def _precheck_attention(q, k_cache, softmax_scale, window_size, softcap, num_spl
     V.tensor("q", q, rank=4, dtypes=V.FLOAT_DTYPES)
     V.tensor("k_cache", k_cache, rank=4, dtypes=V.FLOAT_DTYPES + V.FP8_DTYPES, device=q.device)
     if k_cache.dtype != q.dtype and k_cache.dtype not in V.FP8_DTYPES:
-        raise TypeError(f"k_cache/v_cache must have q's dtype {q.dtype} or float8_e4m3fn, got {k_cache.dtype}")
+        raise TypeError(f"k_cache/v_cache must have q's dtype {q.dtype} or be fp8 ({V.FP8_NAMES}), "
+                        f"got {k_cache.dtype}")
     if k_cache.shape[3] != q.shape[3]:
         raise ValueError(f"k_cache/v_cache must have head dim {q.shape[3]} like q, got {k_cache.shape[3]}")
     V.heads(q.shape[2], k_cache.shape[2], kv_name="k_cache")

@@ -4,9 +4,9 @@ What the kernels take (anything else gets a reason from `unsupported`, and auto 
 the call to Triton):
   * dense k/v [B, S_new, Hkv, D], or ragged k/v [T, Hkv, D] with cu_seqlens [B + 1] (each token's
     sequence found by binary search in the kernel);
-  * caches of any dtype written from sources of the same dtype (a bit copy), or float8_e4m3fn
-    caches written from float16 / bfloat16 / float32 sources (saturate(value / scale), bit-exact
-    with kvkernels.reference.quantize);
+  * caches of any dtype written from sources of the same dtype (a bit copy), or float8_e4m3fn /
+    float8_e5m2 caches written from float16 / bfloat16 / float32 sources (saturate(value / scale),
+    bit-exact with kvkernels.reference.quantize);
   * any head dim whose cache row is a whole number of 16-byte vectors (D * cache element size % 16
     == 0: D % 8 for fp16/bf16, D % 16 for fp8, D % 4 for fp32), any number of heads;
   * any strides, as long as every tensor (k, v, k_cache, v_cache) starts 16-byte aligned, its last
@@ -25,7 +25,7 @@ import torch
 
 from . import device_reason, layout_reason, ops
 
-_FP8 = (torch.float8_e4m3fn,)
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _FP8_SOURCES = (torch.float16, torch.bfloat16, torch.float32)
 _INT32_MAX = 2**31 - 1
 _THREADS = 128  # kAppendThreads in csrc/kernels/append.cuh

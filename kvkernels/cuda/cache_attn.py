@@ -8,7 +8,7 @@ tiles, one block each, that stop at their last row's causal limit. Long contexts
 the KV axis (kvkernels.decode_plan) and merged by decode's merge kernel in split order.
 
 What the kernels take: as decode (kvkernels/cuda/decode.py: fp16/bf16 q, the cache q's dtype or
-fp8 e4m3, head dims 64/128/256, 16-byte aligned layouts with a contiguous last dimension); anything
+fp8 e4m3 / e5m2, head dims 64/128/256, 16-byte aligned layouts with a contiguous last dimension); anything
 else gets a reason from `unsupported` and auto selection gives the call to Triton.
 
 Nothing here reads tensor values: the plan and every allocation come from shapes and max_seqlen_q,

@@ -2,7 +2,8 @@
 
 What the kernels take (anything else gets a reason from `unsupported`, and auto selection gives
 the call to Triton):
-  * q float16 / bfloat16; the cache q's dtype or float8_e4m3fn (per-head fp32 scales);
+  * q float16 / bfloat16; the cache q's dtype, float8_e4m3fn or float8_e5m2 (per-head fp32 scales; one
+    kernel reads both fp8 formats);
   * head dims 64, 128 and 256, any GQA group (Hq % Hkv == 0), contiguous or paged caches with any
     page size;
   * any strides, as long as q, k_cache and v_cache start 16-byte aligned, their last dimension is
@@ -22,7 +23,7 @@ from .. import decode_plan
 from . import EMULATOR_SM_COUNT, device_reason, emulated, layout_reason, ops
 
 _DTYPES = (torch.float16, torch.bfloat16)
-_FP8 = (torch.float8_e4m3fn,)
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _HEAD_DIMS = (64, 128, 256)
 _MAX_CAPACITY = 2**30  # positions per sequence (kMaxCapacity in csrc/ops/decode.cpp)
 
@@ -67,7 +68,7 @@ def config_reason(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor 
     if q.dtype not in _DTYPES:
         return f"the CUDA decode kernels take float16/bfloat16 queries, not {str(q.dtype).replace('torch.', '')}"
     if k_cache.dtype != q.dtype and k_cache.dtype not in _FP8:
-        return f"cache dtype {k_cache.dtype} must be q's dtype {q.dtype} or float8_e4m3fn"
+        return f"cache dtype {k_cache.dtype} must be q's dtype {q.dtype}, float8_e4m3fn or float8_e5m2"
     d = q.shape[-1]
     if d not in _HEAD_DIMS:
         return f"head dim {d} is not one of {_HEAD_DIMS} (the CUDA decode kernels' template head dims)"

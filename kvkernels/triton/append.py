@@ -6,10 +6,12 @@ as the CUDA kernels and the reference, bit for bit:
   * a cache of the source's dtype gets the source bits unchanged: the kernel moves raw integers
     (the tensors are viewed as int16 / int32 / ... of the same size), so no dtype ever goes through
     float arithmetic;
-  * a float8_e4m3fn cache gets saturate(value / scale[h]) rounded to nearest even, from fp16, bf16,
-    fp32 or fp64 sources: value is widened (fp64 rounded) to fp32, divided with IEEE rounding
-    (tl.math.div_rn; `/` is an approximate division on NVIDIA GPUs) and converted by the integer
-    algorithm of torch's own fp32 -> e4m3 conversion (`_e4m3_bits`).
+  * a float8_e4m3fn or float8_e5m2 cache gets saturate(value / scale[h]) rounded to nearest even,
+    from fp16, bf16, fp32 or fp64 sources: value is widened (fp64 rounded) to fp32, divided with IEEE
+    rounding (tl.math.div_rn; `/` is an approximate division on NVIDIA GPUs) and converted by integer
+    arithmetic: e4m3 by the algorithm of torch's own fp32 -> e4m3 conversion (`_e4m3_bits`), e5m2 as
+    the hardware's cvt.rn.satfinite.e5m2x2.f32 converts (`_e5m2_bits`). No fp8 type is used, so
+    both formats compile for every GPU and are exact in the interpreter.
   * positions past the cache, invalid pages and negative or out-of-range slots are skipped.
   * fused rotary embedding (ROTARY != 0): each key is rotated at its position in fp32 before the
     conversion above, bit for bit kvkernels.reference.rotary_fp32: x1*cos - x2*sin and x2*cos + x1*sin,
@@ -38,7 +40,10 @@ _CONTIGUOUS, _PAGED, _SLOTS = 0, 1, 2
 # Source kinds (constexpr SRC): a raw copy, or the float format to quantize from
 _COPY, _F16, _BF16, _F32, _F64 = 0, 1, 2, 3, 4
 _RAW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_FP8 = (torch.float8_e4m3fn,)
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+# fp8 formats (constexpr FP8FMT of a quantizing append)
+_E4M3, _E5M2 = 1, 2
+_FP8_FORMAT = {torch.float8_e4m3fn: _E4M3, torch.float8_e5m2: _E5M2}
 _QUANT_SOURCES = {torch.float16: _F16, torch.bfloat16: _BF16, torch.float32: _F32, torch.float64: _F64}
 _MAX_TILE = 4096  # elements of one [BLOCK_H, BLOCK_D] tile
 # Rotary layouts (constexpr ROTARY)
@@ -67,6 +72,33 @@ def _e4m3_bits(y):
     r = tl.where(a < (121 << 23), subnormal, normal)
     r = tl.where(is_nan, 0x7F, r)
     return (r | sign).to(tl.uint8)
+
+
+@triton.jit
+def _e5m2_bits(y):
+    """fp32 -> float8_e5m2 bits (uint8) as the hardware's cvt.rn.satfinite.e5m2x2.f32 converts
+    (kvkernels.reference.e5m2_satfinite): |y| is clamped to 57344 (inf included) on its bit pattern;
+    subnormals (|y| < 2^-14) round to a multiple of 2^-16 by adding 2^7 in fp32 (round to nearest
+    even); normals rebias the exponent 127 -> 15 and round the mantissa from 23 to 2 bits, ties to
+    even; NaN becomes 0x7F whatever its sign."""
+    bits = y.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    a = bits & 0x7FFFFFFF
+    is_nan = a > 0x7F800000
+    a = tl.minimum(a, 0x47600000)
+    subnormal = (a.to(tl.float32, bitcast=True) + 128.0).to(tl.int32, bitcast=True) - (134 << 23)
+    normal = (a + ((15 - 127) << 23) + 0xFFFFF + ((a >> 21) & 1)) >> 21
+    r = tl.where(a < (113 << 23), subnormal, normal) | sign
+    r = tl.where(is_nan, 0x7F, r)
+    return r.to(tl.uint8)
+
+
+@triton.jit
+def _fp8_bits(y, FP8FMT: tl.constexpr):
+    if FP8FMT == 2:
+        return _e5m2_bits(y)
+    else:
+        return _e4m3_bits(y)
 
 
 @triton.jit
@@ -158,7 +190,7 @@ def _append_kernel(
     S_new, num_pages, page_size, max_pages, Hkv, D, num_seqs, search_steps, max_position, rotary_half,
     MODE: tl.constexpr, SRC: tl.constexpr, RAGGED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     ROTARY: tl.constexpr = 0, KFLOAT: tl.constexpr = 0, COSFLOAT: tl.constexpr = 0,
-    EXACT_RN: tl.constexpr = False,
+    EXACT_RN: tl.constexpr = False, FP8FMT: tl.constexpr = 1,
 ):
     """cache[page, row, h, :] = convert(src[b, i, h, :]) for the heads of one program, K and V.
 
@@ -169,7 +201,7 @@ def _append_kernel(
     RAGGED (MODE 0, 1): token t is token i = t - cu_seqlens[b] of the sequence b found by
     _ragged_sequence.
     A row outside the cache is not written. convert: identity (SRC 0) or
-    e4m3(saturate(fp32(src) / scale[h])).
+    fp8(saturate(fp32(src) / scale[h])), fp8 = e4m3 (FP8FMT 1) or e5m2 (FP8FMT 2), K and V alike.
     ROTARY (1 GPT-NeoX halves, 2 GPT-J pairs): the key is first rotated in fp32 at position p (MODE 0, 1)
     or Positions[t] (MODE 2) over its first 2 * rotary_half dims; KFLOAT / COSFLOAT name the float
     formats of k and of the tables (loaded as fp16 / fp32 values, bf16 as int16 bits; _to_fp32 widens).
@@ -252,8 +284,8 @@ def _append_kernel(
         v_scale = tl.load(VScale + offs_h * stride_vsc, mask=h_ok, other=1.0)
         if ROTARY == 0:
             kf = _to_fp32(k, SRC)
-        tl.store(k_dst, _e4m3_bits(tl.math.div_rn(kf, k_scale[:, None])), mask=mask)
-        tl.store(v_dst, _e4m3_bits(tl.math.div_rn(_to_fp32(v, SRC), v_scale[:, None])), mask=mask)
+        tl.store(k_dst, _fp8_bits(tl.math.div_rn(kf, k_scale[:, None]), FP8FMT), mask=mask)
+        tl.store(v_dst, _fp8_bits(tl.math.div_rn(_to_fp32(v, SRC), v_scale[:, None]), FP8FMT), mask=mask)
 
 
 def unsupported(op: str, **kw) -> str | None:
@@ -281,7 +313,9 @@ def plan(k, v, k_cache, v_cache, mode, seqlens, block_table, slots, k_scale, v_s
     # value goes through Triton arithmetic here, in the interpreter or compiled. A same-dtype
     # append moves raw integers, and an fp8 append widens bf16 bits to fp32 by a shift (_to_fp32),
     # which is exact in both modes; so the wrapper needs no fp32 copy of bf16 inputs.
+    fp8_consts = {}
     if k_cache.dtype in _FP8:
+        fp8_consts = dict(FP8FMT=_FP8_FORMAT[k_cache.dtype])
         src = _QUANT_SOURCES[k.dtype]
         k_in, v_in = (k.view(torch.int16), v.view(torch.int16)) if src == _BF16 else (k, v)
         kc, vc = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
@@ -335,7 +369,8 @@ def plan(k, v, k_cache, v_cache, mode, seqlens, block_table, slots, k_scale, v_s
     vec = max(1, 16 // k_in.element_size())
     num_warps = max(1, min(4, block_h * block_d // (32 * vec)))
     return Launch(_append_kernel, lambda _: grid, args, dict(MODE=mode, SRC=src, RAGGED=cu_seqlens is not None,
-                                                          BLOCK_H=block_h, BLOCK_D=block_d, **rotary_consts),
+                                                          BLOCK_H=block_h, BLOCK_D=block_d, **rotary_consts,
+                                                          **fp8_consts),
                   (KernelConfig((), num_warps=num_warps, num_stages=1),), name="append")
 
 

@@ -29,8 +29,9 @@ import triton.language as tl
 
 from .. import decode_plan
 from . import KernelConfig, Launch, Target, device_target
-from .decode import (FP8_DTYPES, LN2_C, LOG2E, MAX_HEAD_DIM, MAX_PAGE_SIZE, NEG_2LOG2E_C, SUPPORTED_DTYPES,
-                     _interpreted_bf16, _next_pow2, fp8_supported, merge_launch)
+from .decode import (FP8_FORMAT, LN2_C, LOG2E, MAX_HEAD_DIM, NEG_2LOG2E_C, NO_FP8, SUPPORTED_DTYPES,
+                     _interpreted_bf16, _next_pow2, cache_dtype_reason, dequant_fp8, fp8_storage, fp8_target_reason,
+                     merge_launch, page_size_reason)
 
 
 # ------------------------------------------------------------------------------------- kernel
@@ -39,7 +40,8 @@ from .decode import (FP8_DTYPES, LN2_C, LOG2E, MAX_HEAD_DIM, MAX_PAGE_SIZE, NEG_
 @triton.jit
 def _cache_attention_kernel(
     Q,            # dense [B, Sq, Hq, D] | ragged [Tq, Hq, D]; fp16/bf16 (fp32 when bf16 is interpreted)
-    K,            # contiguous [B, S_max, Hkv, D] | paged [num_pages, page_size, Hkv, D]; q's dtype or fp8 e4m3
+    K,            # contiguous [B, S_max, Hkv, D] | paged [num_pages, page_size, Hkv, D]; q's dtype, fp8 e4m3
+                  # (float8e4nv) or e5m2 (its bytes, uint8: dequant_fp8)
     V,            # same layout and dtype as K
     SEQLENS,      # [B] int32: L_b, sequence b's tokens in the cache including its n_b new ones
     CU_Q,         # [B + 1] int32 (RAGGED only): sequence b's queries are tokens [CU_Q[b], CU_Q[b+1]) of Q
@@ -171,10 +173,10 @@ def _cache_attention_kernel(
         kv_mask = valid[:, None] & d_mask[None, :]
         k = tl.load(k_head + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_head + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        if FP8:
-            # e4m3 values are exact in fp16/bf16: the scale is folded into the logits and the output.
-            k = k.to(q.dtype)
-            v = v.to(q.dtype)
+        if FP8 != 0:
+            # fp8 values are exact in fp16/bf16: the scale is folded into the logits and the output.
+            k = dequant_fp8(k, FP8, q.dtype)
+            v = dequant_fp8(v, FP8, q.dtype)
 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)              # [BLOCK_M, BLOCK_N]
         if HAS_SOFTCAP:
@@ -271,15 +273,7 @@ def unsupported(op: str, *, q=None, k_cache=None, paged=False, **kw) -> str | No
     d = q.shape[-1]
     if d > MAX_HEAD_DIM:
         return f"head dim {d} > {MAX_HEAD_DIM} is not supported by the Triton cache-attention kernel"
-    if k_cache.dtype != q.dtype and k_cache.dtype not in FP8_DTYPES:
-        return f"cache dtype {k_cache.dtype} must be q's dtype {q.dtype} or float8_e4m3fn"
-    if paged and not 1 <= k_cache.shape[1] <= MAX_PAGE_SIZE:
-        return f"page size {k_cache.shape[1]} is outside 1..{MAX_PAGE_SIZE}"
-    target = device_target(k_cache.device) if k_cache.dtype in FP8_DTYPES else None
-    if target is not None and not fp8_supported(target):
-        return (f"float8_e4m3fn caches need compute capability >= 8.9 for Triton's e4m3 conversions "
-                f"(this GPU is sm_{target.arch}); backend='reference' or the CUDA kernels read them")
-    return None
+    return cache_dtype_reason(q, k_cache) or page_size_reason(k_cache, paged) or fp8_target_reason(k_cache)
 
 
 def cache_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q, block_table, causal,
@@ -322,10 +316,10 @@ def plan(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q, block_t
     if B == 0 or tokens == 0 or hq == 0 or sq == 0:
         return torch.zeros_like(q), lse.fill_(float("-inf")), [], None
 
-    fp8 = k_cache.dtype in FP8_DTYPES
+    fp8 = FP8_FORMAT.get(k_cache.dtype, NO_FP8)
     scaled = k_scale is not None  # fp8 caches always; 16-bit caches when given (value = stored * scale)
     qk = _interpreted_bf16(q, target)
-    kk, vk = _interpreted_bf16(k_cache, target), _interpreted_bf16(v_cache, target)
+    kk, vk = fp8_storage(_interpreted_bf16(k_cache, target)), fp8_storage(_interpreted_bf16(v_cache, target))
     compute_dtype = qk.dtype
 
     cfg = choose_config(d, sq * group, page_size)

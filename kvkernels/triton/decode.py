@@ -38,7 +38,23 @@ MAX_GROUP_BLOCK = 64
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 NEG_2LOG2E_C = tl.constexpr(-2.0 * LOG2E)
 LN2_C = tl.constexpr(LN2)
-FP8_DTYPES = (torch.float8_e4m3fn,)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# constexpr FP8 of the attention kernels: 0 a cache of q's dtype, else its fp8 format
+NO_FP8, E4M3, E5M2 = 0, 1, 2
+FP8_FORMAT = {torch.float8_e4m3fn: E4M3, torch.float8_e5m2: E5M2}
+
+
+@triton.jit
+def dequant_fp8(x, FP8: tl.constexpr, dtype: tl.constexpr):
+    """fp8 cache values -> dtype (fp16 / bf16 / fp32), exactly. e4m3 (FP8 1): Triton's cast of the
+    float8e4nv tensor (sm_89+). e5m2 (FP8 2): x holds the raw bytes (uint8); an e5m2 value is the
+    upper byte of the fp16 with the same value (5 exponent bits of bias 15, its 2 mantissa bits on
+    top of fp16's 10; subnormals, infinities and NaN line up too), so widening is a shift, on every
+    GPU and in the interpreter alike; fp16 -> bf16 / fp32 is exact for every e5m2 value."""
+    if FP8 == 2:
+        return (x.to(tl.uint16) << 8).to(tl.float16, bitcast=True).to(dtype)
+    else:
+        return x.to(dtype)
 
 
 # ------------------------------------------------------------------------------------- kernels
@@ -47,7 +63,8 @@ FP8_DTYPES = (torch.float8_e4m3fn,)
 @triton.jit
 def _decode_split_kernel(
     Q,            # [B, Hq, D] fp16/bf16 (fp32 when bf16 is interpreted)
-    K,            # contiguous [B, S_max, Hkv, D] | paged [num_pages, page_size, Hkv, D]; q's dtype or fp8 e4m3
+    K,            # contiguous [B, S_max, Hkv, D] | paged [num_pages, page_size, Hkv, D]; q's dtype, fp8 e4m3
+                  # (float8e4nv) or e5m2 (its bytes, uint8)
     V,            # same layout and dtype as K
     SEQLENS,      # [B] int32 (stride stride_sl): sequence b attends to positions [0, SEQLENS[b]), clamped to capacity
     BLOCK_TABLE,  # [B, max_pages] int32 (paged only)
@@ -152,10 +169,10 @@ def _decode_split_kernel(
         kv_mask = valid[:, None] & d_mask[None, :]
         k = tl.load(k_head + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_head + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        if FP8:
-            # e4m3 values are exact in fp16/bf16: the scale is folded into the logits and the output.
-            k = k.to(q.dtype)
-            v = v.to(q.dtype)
+        if FP8 != 0:
+            # fp8 values are exact in fp16/bf16: the scale is folded into the logits and the output.
+            k = dequant_fp8(k, FP8, q.dtype)
+            v = dequant_fp8(v, FP8, q.dtype)
 
         if USE_DOT:
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)              # [G_BLOCK, BLOCK_N]
@@ -310,21 +327,43 @@ def unsupported(op: str, *, q=None, k_cache=None, paged=False, **kw) -> str | No
     d = q.shape[-1]
     if d > MAX_HEAD_DIM:
         return f"head dim {d} > {MAX_HEAD_DIM} is not supported by the Triton decode kernel"
+    return cache_dtype_reason(q, k_cache) or page_size_reason(k_cache, paged) or fp8_target_reason(k_cache)
+
+
+def cache_dtype_reason(q, k_cache) -> str | None:
+    """The Triton attention kernels (decode, cache attention) read caches of q's dtype or fp8."""
     if k_cache.dtype != q.dtype and k_cache.dtype not in FP8_DTYPES:
-        return f"cache dtype {k_cache.dtype} must be q's dtype {q.dtype} or float8_e4m3fn"
-    if paged and not 1 <= k_cache.shape[1] <= MAX_PAGE_SIZE:
-        return f"page size {k_cache.shape[1]} is outside 1..{MAX_PAGE_SIZE}"
-    target = device_target(k_cache.device) if k_cache.dtype in FP8_DTYPES else None
-    if target is not None and not fp8_supported(target):
-        return (f"float8_e4m3fn caches need compute capability >= 8.9 for Triton's e4m3 conversions "
-                f"(this GPU is sm_{target.arch}); backend='reference' or the CUDA kernels read them")
+        return f"cache dtype {k_cache.dtype} must be q's dtype {q.dtype}, float8_e4m3fn or float8_e5m2"
     return None
 
 
-def fp8_supported(target: Target) -> bool:
-    """Triton converts e4m3 only from sm_89 on (there is no e4m3 type below it: compiling the fp8
-    kernel for sm_80 fails)."""
-    return target.capability >= (8, 9)
+def page_size_reason(k_cache, paged) -> str | None:
+    if paged and not 1 <= k_cache.shape[1] <= MAX_PAGE_SIZE:
+        return f"page size {k_cache.shape[1]} is outside 1..{MAX_PAGE_SIZE}"
+    return None
+
+
+def fp8_target_reason(k_cache) -> str | None:
+    """An fp8 format this GPU's Triton cannot convert (e4m3 below sm_89), or None."""
+    target = device_target(k_cache.device) if k_cache.dtype in FP8_DTYPES else None
+    if target is not None and not fp8_supported(target, k_cache.dtype):
+        return (f"float8_e4m3fn caches need compute capability >= 8.9 for Triton's e4m3 conversions "
+                f"(this GPU is sm_{target.arch}); float8_e5m2 caches, backend='reference' or the CUDA "
+                f"kernels read them")
+    return None
+
+
+def fp8_supported(target: Target, dtype: torch.dtype = torch.float8_e4m3fn) -> bool:
+    """Triton converts e4m3 only from sm_89 on (there is no e4m3 type below it: compiling the e4m3
+    kernel for sm_80 fails). e5m2 is read as bytes and widened by a shift (dequant_fp8), no fp8 type
+    involved: every GPU (tests/test_triton_aot.py compiles it for sm_80, sm_89 and sm_90)."""
+    return dtype == torch.float8_e5m2 or target.capability >= (8, 9)
+
+
+def fp8_storage(cache: torch.Tensor) -> torch.Tensor:
+    """What the kernels load from a cache: e5m2 as its raw bytes (a uint8 view, see dequant_fp8),
+    anything else as it is."""
+    return cache.view(torch.uint8) if cache.dtype == torch.float8_e5m2 else cache
 
 
 def _interpreted_bf16(x: torch.Tensor | None, target: Target | None) -> torch.Tensor | None:
@@ -366,10 +405,10 @@ def plan(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_
     if B == 0 or hq == 0:
         return torch.empty_like(q), lse, []
 
-    fp8 = k_cache.dtype in FP8_DTYPES
+    fp8 = FP8_FORMAT.get(k_cache.dtype, NO_FP8)
     scaled = k_scale is not None  # fp8 caches always; 16-bit caches when given (value = stored * scale)
     qk = _interpreted_bf16(q, target)
-    kk, vk = _interpreted_bf16(k_cache, target), _interpreted_bf16(v_cache, target)
+    kk, vk = fp8_storage(_interpreted_bf16(k_cache, target)), fp8_storage(_interpreted_bf16(v_cache, target))
     compute_dtype = qk.dtype
 
     cfg = choose_config(d, group, page_size)
