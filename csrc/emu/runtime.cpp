@@ -2,6 +2,7 @@
 #include "emu/runtime.h"
 
 #include "emu/racecheck.h"
+#include "emu/tma.h"
 
 #include <ucontext.h>
 
@@ -198,8 +199,15 @@ void run_block(Block& b, std::vector<Fiber>& fibers) {
       ran = true;
       if (!g.error.empty()) throw std::runtime_error(g.error);
     }
-    if (all_done) return;
-    if (!ran) report_hang(b);
+    if (all_done) {
+      land_async_copies();  // the block's last copies land in memory nobody reads any more
+      return;
+    }
+    // A scheduling point: the TMA copies issued in this round land now (after their issuers
+    // blocked), which may wake threads waiting on their mbarriers.
+    const bool landed = land_async_copies();
+    if (!g.error.empty()) throw std::runtime_error(g.error);
+    if (!ran && !landed) report_hang(b);
   }
 }
 
@@ -259,6 +267,7 @@ void run_grid(const char* kernel, dim3 grid, dim3 block, size_t smem_bytes, cons
       g.thread = nullptr;
       g.body = nullptr;
       g.error.clear();
+      drop_async_copies();
       race::block_end();
     }
   } reset;
