@@ -350,7 +350,7 @@ const uint32_t* warp_collective(const char* name, CollectiveFn fn, uint32_t mask
     fail("warp %d diverged: lane %d is at %s (mask 0x%08x) while lanes of mask 0x%08x wait at %s", t.warp, t.lane,
          name, mask, w.mask, w.name);
   }
-  memcpy(w.in[t.lane], in, sizeof(uint32_t) * n_in);
+  if (n_in) memcpy(w.in[t.lane], in, sizeof(uint32_t) * n_in);  // __syncwarp, elect.sync: no inputs
   w.arrived |= bit;
   if (w.arrived == mask) {
     {

@@ -62,7 +62,7 @@ void expect_rejected(const char* name, CUresult r, const char* why) {
 }
 
 void encoder_rules() {
-  alignas(64) CUtensorMap map;
+  CUtensorMap map;
   alignas(16) static uint16_t mem[64 * 64 * 2];
   // The prefill launcher's kind of map: (head_dim 64, rows, heads, batches), box 64 x 64 x 1 x 1.
   check(encode(&map, mem, {64, 32, 2, 1}, {128, 4096, 8192}, {64, 64, 1, 1}) == CUDA_SUCCESS,
@@ -86,7 +86,7 @@ void encoder_rules() {
 // returns the shared memory seen right after the issue and after the wait.
 void box_load(int row0, CUtensorMapSwizzle swizzle, int span) {
   Tensor2d t(10, 64);
-  alignas(64) CUtensorMap map;
+  CUtensorMap map;
   check(encode(&map, t.data.data(), {64, 10}, {128}, {64, 16}, swizzle) == CUDA_SUCCESS, emu::tensor_map_error());
   constexpr uint32_t kDst = 1024, kBytes = 16 * 128;
   std::vector<unsigned char> at_issue, landed;
@@ -129,7 +129,7 @@ void box_load(int row0, CUtensorMapSwizzle swizzle, int span) {
 
 void byte_count_mismatch_hangs() {
   Tensor2d t(10, 64);
-  alignas(64) CUtensorMap map;
+  CUtensorMap map;
   encode(&map, t.data.data(), {64, 10}, {128}, {64, 16});
   for (int delta : {-16, 16}) {
     const std::string err = run("kvk_tma_hang", 32, 4096, [&] {
@@ -148,9 +148,9 @@ void byte_count_mismatch_hangs() {
 
 void misuse_fails() {
   Tensor2d t(10, 64);
-  alignas(64) CUtensorMap map;
+  CUtensorMap map;
   encode(&map, t.data.data(), {64, 10}, {128}, {64, 16});
-  alignas(64) CUtensorMap junk;
+  CUtensorMap junk;
   memset(&junk, 0, sizeof(junk));
   struct Case {
     const char* name;
