@@ -168,8 +168,9 @@ void tma_load(uint32_t dst, const void* tensor_map, uint32_t bar, const int* coo
     count *= n[d];
   }
   const size_t bytes = count * m.elem;
+  // With a swizzle the chunks of a partial last 128-byte row may move anywhere inside that row.
+  emu::shared_ptr(dst, m.swizzle ? (bytes + 127) / 128 * 128 : bytes, 128, what);
   unsigned char* dst_ptr = emu::shared_ptr(dst, bytes, 128, what);
-  (void)dst_ptr;
   emu::Copy c;
   c.block = &emu::current_block();
   c.dst = dst;
