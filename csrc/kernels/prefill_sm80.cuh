@@ -97,6 +97,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) kvk_prefill_sm80_kernel(cons
 
   int tile_begin, n_tiles;
   mask.tile_range(m_start, m_last, BN, &tile_begin, &n_tiles);
+  // ALiBi slope of this (sequence, head) in log2 units; 0 = no bias (a uniform branch per tile).
+  const float alibi_log2 =
+      p.alibi_slopes != nullptr ? p.alibi_slopes[b * p.alibi_batch_stride + head] * 1.4426950408889634f : 0.0f;
 
   float o[kNTilesO][4];
 #pragma unroll
@@ -186,7 +189,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) kvk_prefill_sm80_kernel(cons
       // ---- scale (+ softcap), mask, online softmax
       float rescale[2];
       softmax_tile(s, row_max, row_sum, rescale, p, mask, mask.needs_mask(m_start, m_last, n0, BN), row_a,
-                   n0 + col_a);
+                   n0 + col_a, alibi_log2);
 #pragma unroll
       for (int t = 0; t < kNTilesO; ++t) {
         o[t][0] *= rescale[0];
