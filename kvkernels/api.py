@@ -400,7 +400,8 @@ def prefill_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens_q
     alibi = V.alibi_slopes(alibi_slopes, cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0], hq, device)
 
     backend = resolve_backend("prefill", backend, device, q=q, k=k, v=v, varlen=varlen,
-                              window_left=left, window_right=right, softcap=softcap, alibi=alibi is not None)
+                              window_left=left, window_right=right, softcap=softcap, alibi=alibi is not None,
+                              softmax_scale=scale)
     extra = () if alibi is None else (alibi,)  # without ALiBi: the same graph as before it existed
     out, lse = torch.ops.kvkernels.prefill_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                      max_seqlen_k, scale, left, right, softcap, backend, *extra)

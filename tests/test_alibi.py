@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import (assert_lse_close, assert_parity, build_paged, kernel_backends, lengths_tensor,
+from conftest import (HAS_EMULATOR, assert_lse_close, assert_parity, build_paged, kernel_backends, lengths_tensor,
                       poison_contiguous, randn, run_or_skip, seeded)
 
 import kvkernels
@@ -269,6 +269,14 @@ def test_bad_slopes_rejected_before_launch(slopes, error, match):
         flash_attn_func(q, k, k, alibi_slopes=slopes)
 
 
+@pytest.mark.skipif(not HAS_EMULATOR, reason="needs the CUDA emulator")
+def test_cuda_prefill_declines_alibi_with_softcap_at_d256():
+    q = randn(1, 3, 2, 256, gen=seeded(19))
+    with pytest.raises(ValueError, match="softcap at head dim 256"):
+        kvkernels.prefill_attention(q, q, q, softcap=5.0, alibi_slopes=torch.ones(2), backend="cuda")
+    kvkernels.prefill_attention(q, q, q, alibi_slopes=torch.ones(2), backend="cuda")  # without a softcap: taken
+
+
 def test_sm90_path_declines_alibi():
     from kvkernels.cuda.prefill import PATH_SM80, PATH_SM90, select_path
     needed = {PATH_SM80: 1, PATH_SM90: 1}
@@ -277,3 +285,29 @@ def test_sm90_path_declines_alibi():
                        alibi=True) == PATH_SM80
     assert select_path((9, 0), "8.0;9.0a", tma_ok=True, smem_optin=1 << 20, smem_needed=needed, alibi=True,
                        forced=PATH_SM90) is None
+
+
+# ------------------------------------------------------------------------------ torch.library / compile
+
+
+def test_opcheck_and_compile_with_slopes():
+    gen = seeded(18)
+    q, kc = randn(2, 4, 16, gen=gen), randn(2, 9, 2, 16, gen=gen)
+    lens = lengths_tensor([3, 9])
+    slopes = torch.rand(2, 4, generator=gen)
+    utils = ("test_faketensor", "test_aot_dispatch_dynamic", "test_schema")
+    torch.library.opcheck(torch.ops.kvkernels.decode_attention.default,
+                          (q, kc, kc, lens, None, 0.25, -1, 0.0, None, None, 0, False, "reference", slopes),
+                          test_utils=utils)
+    qp, kp = randn(2, 5, 4, 16, gen=gen), randn(2, 6, 2, 16, gen=gen)
+    torch.library.opcheck(torch.ops.kvkernels.prefill_attention.default,
+                          (qp, kp, kp, None, None, 5, 6, 0.25, -1, 0, 0.0, "reference", slopes), test_utils=utils)
+    torch.library.opcheck(torch.ops.kvkernels.cache_attention.default,
+                          (qp, randn(2, 9, 2, 16, gen=gen), randn(2, 9, 2, 16, gen=gen), lengths_tensor([5, 9]),
+                           None, 5, None, True, 0.25, -1, 0.0, None, None, 0, False, "reference", slopes),
+                          test_utils=utils)
+    f = torch.compile(lambda q, k, s: kvkernels.prefill_attention(q, k, k, causal=True, alibi_slopes=s,
+                                                                  return_lse=True), fullgraph=True)
+    out, lse = f(qp, kp, slopes[0])
+    ref_out, ref_lse = kvkernels.prefill_attention(qp, kp, kp, causal=True, alibi_slopes=slopes[0], return_lse=True)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)

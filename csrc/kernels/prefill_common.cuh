@@ -92,10 +92,12 @@ __device__ __forceinline__ void softmax_tile(float (&s)[N], float (&row_max)[2],
   }
   // ALiBi: a block-uniform branch, one FMA a score (the bias is added after the softcap).
   if (alibi_log2 != 0.0f) {
+    // Signed distance of element 0 from its row's diagonal (exact in fp32: |distance| < 2^24); the
+    // others differ by the small constants of the accumulator layout.
+    const float d0 = static_cast<float>(row + mask.diag - col);
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      const int dist = row + 8 * ((i >> 1) & 1) + mask.diag - (col + (i >> 2) * 8 + (i & 1));
-      s[i] = fmaf(-alibi_log2, static_cast<float>(dist < 0 ? -dist : dist), s[i]);
+      s[i] = fmaf(-alibi_log2, fabsf(d0 + static_cast<float>(8 * ((i >> 1) & 1) - (i >> 2) * 8 - (i & 1))), s[i]);
     }
   }
   if (masked) {

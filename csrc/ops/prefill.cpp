@@ -190,6 +190,9 @@ void prefill_op(const Tensor& q, const Tensor& k, const Tensor& v, const std::op
   set_alibi("prefill: ", alibi_slopes, q, batch, hq, p.alibi_slopes, p.alibi_batch_stride);
   TORCH_CHECK(p.alibi_slopes == nullptr || path == prefill::kPathSm80,
               "prefill: alibi_slopes needs path 80 (the sm_90a kernel has no ALiBi)");
+  TORCH_CHECK(p.alibi_slopes == nullptr || (softmax_scale != 0.0 && !(softcap > 0.0 && d == 256)),
+              "prefill: alibi_slopes needs softmax_scale != 0, and no softcap at head dim 256");
+  p.alibi_pre = p.alibi_slopes != nullptr ? static_cast<float>(1.0 / softmax_scale) : 0.0f;
 
   const OpsLaunchContext ctx(q);
   const cudaError_t err = prefill_launch(static_cast<int>(path), q.scalar_type() == at::kBFloat16, p, ctx.stream());

@@ -11,8 +11,9 @@ auto otherwise.
 
 What the kernels take (anything else gets a reason from `unsupported`, and auto selection gives
 the call to Triton): float16/bfloat16; head dims 64, 128, 256; any GQA group; dense or varlen;
-any causal/window/softcap; q, k, v starting 16-byte aligned, contiguous in the last dimension, every
-other stride of a dimension longer than 1 a multiple of 16 bytes (tiles travel as 16-byte copies).
+any causal/window/softcap; ALiBi (path 80; not with a softcap at D = 256); q, k, v starting 16-byte
+aligned, contiguous in the last dimension, every other stride of a dimension longer than 1 a multiple
+of 16 bytes (tiles travel as 16-byte copies).
 
 This wrapper allocates out and lse from shapes and never reads tensor values, so a call is
 CUDA-graph capturable and the raw op allocates nothing.
@@ -173,10 +174,16 @@ def config_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: boo
     return None
 
 
-def unsupported(op: str, *, q, k, v, varlen=False, alibi=False, **_) -> str | None:
+def unsupported(op: str, *, q, k, v, varlen=False, alibi=False, softcap=0.0, softmax_scale=1.0,
+                **_) -> str | None:
     reason = device_reason("prefill", {"q": q, "k": k, "v": v}) or config_reason(q, k, v, varlen)
     if reason:
         return reason
+    if alibi and softcap > 0 and q.shape[-1] == 256:
+        # The ALiBi bias after the tanh is compiled out of the D = 256 kernel: its registers would spill.
+        return "alibi_slopes with a softcap at head dim 256 (the Triton kernel and the reference take it)"
+    if alibi and softmax_scale == 0:
+        return "alibi_slopes with softmax_scale 0 (the bias joins the raw scores as -slope / softmax_scale)"
     if path_for(q, k, v, alibi) is None:
         capability, _, archs = _target(q)
         forced = forced_path()
