@@ -26,6 +26,9 @@ Supported beyond the three basic functions:
     (after the softcap, unscaled; Sk, Sq per sequence: varlen spans, seqused_k, cache lengths after the
     append). With cache_leftpad the distances count unpadded keys, as FlashAttention's do (its key 0
     is the row's position cache_leftpad[b]); the |.| is shift-invariant, so they equal row positions'.
+    The returned lse is the log-sum-exp of these logits. FlashAttention's causal kernel adds +slope * j
+    instead (the same probabilities), so its lse is larger by slope * (i + Sk - Sq) on causal calls
+    without a window; ours is the one that merges across key chunks.
 Raising NotImplementedError: dropout_p > 0; there is no backward. FlashAttention's own refusals are kept: cache_batch_idx or cache_leftpad with a block_table
 raise ValueError.
 
