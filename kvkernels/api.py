@@ -15,11 +15,14 @@ Every backend module exposes the same normalised entry points (arguments validat
 resolved, causal folded into the window):
 
   prefill_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                    softmax_scale, window_left, window_right, softcap) -> (out, lse)
+                    softmax_scale, window_left, window_right, softcap, alibi_slopes=None) -> (out, lse)
   decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_left, softcap,
-                   k_scale, v_scale, num_splits, batch_invariant) -> (out, lse)
+                   k_scale, v_scale, num_splits, batch_invariant, alibi_slopes=None) -> (out, lse)
   cache_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q, block_table, causal,
-                  softmax_scale, window_left, softcap, k_scale, v_scale, num_splits, batch_invariant) -> (out, lse)
+                  softmax_scale, window_left, softcap, k_scale, v_scale, num_splits, batch_invariant,
+                  alibi_slopes=None) -> (out, lse)
+      (alibi_slopes: fp32 [B, Hq], batch stride 0 for per-head slopes; passed only when given, so a
+      call without ALiBi is the same call as before)
   append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, cu_seqlens=None,
             rotary_cos=None, rotary_sin=None, rotary_interleaved=False) -> None
       (k/v [B, S_new, Hkv, D] with cu_seqlens None, or ragged [T, Hkv, D] with cu_seqlens int32 [B+1];
@@ -56,28 +59,30 @@ class _ReferenceBackend:
         return None
 
     @staticmethod
-    def prefill_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_left, window_right, softcap):
+    def prefill_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_left, window_right, softcap,
+                          alibi_slopes=None):
         from . import reference
         return reference.prefill_attention(q, k, v, softmax_scale=scale, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                                           window_size=(window_left, window_right), softcap=softcap)
+                                           window_size=(window_left, window_right), softcap=softcap,
+                                           alibi_slopes=alibi_slopes)
 
     @staticmethod
     def decode_attention(q, k_cache, v_cache, seqlens, block_table, scale, window_left, softcap, k_scale, v_scale,
-               num_splits, batch_invariant):
+               num_splits, batch_invariant, alibi_slopes=None):
         from . import reference
         out, lse = reference.decode_attention(q, k_cache, v_cache, seqlens, block_table=block_table,
                                               softmax_scale=scale, window_left=window_left, softcap=softcap,
-                                              k_scale=k_scale, v_scale=v_scale)
+                                              k_scale=k_scale, v_scale=v_scale, alibi_slopes=alibi_slopes)
         return out, lse.to(torch.float32)
 
     @staticmethod
     def cache_attention(q, k_cache, v_cache, seqlens, cu_q, max_q, block_table, causal, scale, window_left,
-                        softcap, k_scale, v_scale, num_splits, batch_invariant):
+                        softcap, k_scale, v_scale, num_splits, batch_invariant, alibi_slopes=None):
         from . import reference
         out, lse = reference.cache_attention(q, k_cache, v_cache, seqlens, cu_seqlens_q=cu_q,
                                              block_table=block_table, causal=causal, softmax_scale=scale,
                                              window_left=window_left, softcap=softcap, k_scale=k_scale,
-                                             v_scale=v_scale)
+                                             v_scale=v_scale, alibi_slopes=alibi_slopes)
         return out, lse.to(torch.float32)
 
     @staticmethod
@@ -160,15 +165,18 @@ def resolve_backend(op: str, backend: str | None, device: torch.device, **kw) ->
 def _prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor],
                 cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int,
                 softmax_scale: float, window_left: int, window_right: int, softcap: float,
-                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                backend: str, alibi_slopes: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    # alibi_slopes comes last, with a default, so calls without it keep their arguments; the backends
+    # are only given it when it is there.
+    extra = () if alibi_slopes is None else (alibi_slopes,)
     out, lse = get_backend(backend).prefill_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                            softmax_scale, window_left, window_right, softcap)
+                                            softmax_scale, window_left, window_right, softcap, *extra)
     return out, lse.to(torch.float32)
 
 
 @_prefill_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
-      window_right, softcap, backend):
+      window_right, softcap, backend, alibi_slopes=None):
     if q.dim() == 4:
         lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
     else:
@@ -180,15 +188,18 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
 def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                block_table: Optional[torch.Tensor], softmax_scale: float, window_left: int, softcap: float,
                k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor], num_splits: int,
-               batch_invariant: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+               batch_invariant: bool, backend: str,
+               alibi_slopes: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    extra = () if alibi_slopes is None else (alibi_slopes,)
     out, lse = get_backend(backend).decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale,
-                                           window_left, softcap, k_scale, v_scale, num_splits, batch_invariant)
+                                           window_left, softcap, k_scale, v_scale, num_splits, batch_invariant,
+                                           *extra)
     return out, lse.to(torch.float32)
 
 
 @_decode_op.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_left, softcap, k_scale, v_scale,
-      num_splits, batch_invariant, backend):
+      num_splits, batch_invariant, backend, alibi_slopes=None):
     return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
@@ -197,16 +208,18 @@ def _cache_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         cu_seqlens_q: Optional[torch.Tensor], max_seqlen_q: int, block_table: Optional[torch.Tensor],
                         causal: bool, softmax_scale: float, window_left: int, softcap: float,
                         k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor], num_splits: int,
-                        batch_invariant: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                        batch_invariant: bool, backend: str,
+                        alibi_slopes: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    extra = () if alibi_slopes is None else (alibi_slopes,)
     out, lse = get_backend(backend).cache_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q,
                                                     block_table, causal, softmax_scale, window_left, softcap,
-                                                    k_scale, v_scale, num_splits, batch_invariant)
+                                                    k_scale, v_scale, num_splits, batch_invariant, *extra)
     return out, lse.to(torch.float32)
 
 
 @_cache_attention_op.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q, block_table, causal, softmax_scale,
-      window_left, softcap, k_scale, v_scale, num_splits, batch_invariant, backend):
+      window_left, softcap, k_scale, v_scale, num_splits, batch_invariant, backend, alibi_slopes=None):
     if cu_seqlens_q is not None:
         lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
     else:
@@ -320,7 +333,7 @@ def _scale_rows(x: torch.Tensor, scale, op) -> torch.Tensor:
 
 def prefill_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens_q=None, cu_seqlens_k=None,
                       max_seqlen_q=None, max_seqlen_k=None, window_size=(-1, -1), softcap=0.0,
-                      return_lse=False, backend=None):
+                      alibi_slopes=None, return_lse=False, backend=None):
     """Flash-attention forward over whole prompts.
 
     dense:  q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] -> out [B, Sq, Hq, D] (+ lse [B, Hq, Sq] fp32)
@@ -330,6 +343,9 @@ def prefill_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens_q
     -1 unbounded: j in [i + Sk - Sq - left, i + Sk - Sq + right]. softcap > 0: scores =
     softcap * tanh(scores / softcap). softmax_scale defaults to 1/sqrt(D). A query row that sees no
     key gets out 0 and lse -inf. max_seqlen_q/k (varlen) cost a device sync when omitted.
+    alibi_slopes fp32 [Hq] or [B, Hq] (FlashAttention's ALiBi): -slope[b, h] * |i + Sk - Sq - j| is
+    added to the score of query i and key j (Sq, Sk: that sequence's lengths when varlen), after the
+    softcap and not multiplied by softmax_scale; causal and window masks apply as without it.
     """
     V.tensor("q", q, rank=(3, 4), dtypes=V.FLOAT_DTYPES)
     device = q.device
@@ -383,17 +399,20 @@ def prefill_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens_q
         if k.shape[0] != q.shape[0]:
             raise ValueError(f"k must have batch {q.shape[0]} like q, got {k.shape[0]}")
         max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
+    alibi = V.alibi_slopes(alibi_slopes, cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0], hq, device)
 
     backend = resolve_backend("prefill", backend, device, q=q, k=k, v=v, varlen=varlen,
-                              window_left=left, window_right=right, softcap=softcap)
+                              window_left=left, window_right=right, softcap=softcap, alibi=alibi is not None,
+                              softmax_scale=scale)
+    extra = () if alibi is None else (alibi,)  # without ALiBi: the same graph as before it existed
     out, lse = torch.ops.kvkernels.prefill_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                     max_seqlen_k, scale, left, right, softcap, backend)
+                                                     max_seqlen_k, scale, left, right, softcap, backend, *extra)
     return (out, lse) if return_lse else out
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, softmax_scale=None, window_left=-1,
                      softcap=0.0, k_scale=None, v_scale=None, num_splits=0, return_lse=False, kv_cache_dtype="auto",
-                     backend=None):
+                     alibi_slopes=None, backend=None):
     """One query token per sequence against its KV cache.
 
     q [B, Hq, D]; cache_seqlens int32 [B]: sequence b attends to positions [0, cache_seqlens[b]).
@@ -410,6 +429,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, so
     "fp8_e5m2" as float8_e5m2 (a view, no copy).
     -> out [B, Hq, D] in q's dtype (+ lse [B, Hq] fp32). An empty sequence gives out 0, lse -inf.
     num_splits: 0 = heuristic, n >= 1 forces n KV splits.
+    alibi_slopes fp32 [Hq] or [B, Hq] (FlashAttention's ALiBi, Sq = 1, Sk = cache_seqlens[b]): the score
+    of position j gets -slope[b, h] * (cache_seqlens[b] - 1 - j), after the softcap, unscaled.
     """
     k_cache, v_cache = _cache_storage(k_cache, v_cache, kv_cache_dtype)
     V.tensor("q", q, rank=3, dtypes=V.FLOAT_DTYPES)
@@ -432,19 +453,21 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, so
     softcap = _softcap(softcap)
     k_scale, v_scale = _attention_scales(k_scale, v_scale, k_cache.dtype, hkv, device)
     V.cache_index_values(k_cache, cache_seqlens, block_table, extra=0)
+    alibi = V.alibi_slopes(alibi_slopes, B, hq, device)
 
     backend = resolve_backend("decode", backend, device, q=q, k_cache=k_cache, v_cache=v_cache,
                               paged=block_table is not None, block_table=block_table, window_left=window_left,
-                              softcap=softcap)
+                              softcap=softcap, alibi=alibi is not None)
+    extra = () if alibi is None else (alibi,)
     out, lse = torch.ops.kvkernels.decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, scale,
                                                     window_left, softcap, k_scale, v_scale, num_splits,
-                                                    config.batch_invariant(), backend)
+                                                    config.batch_invariant(), backend, *extra)
     return (out, lse) if return_lse else out
 
 
 def cache_attention(q, k_cache, v_cache, cache_seqlens, *, cu_seqlens_q=None, max_seqlen_q=None, block_table=None,
                     causal=True, softmax_scale=None, window_left=-1, softcap=0.0, k_scale=None, v_scale=None,
-                    num_splits=0, return_lse=False, kv_cache_dtype="auto", backend=None):
+                    num_splits=0, return_lse=False, kv_cache_dtype="auto", alibi_slopes=None, backend=None):
     """Several new query tokens per sequence against its KV cache (chunked prefill, speculative
     verification, prefix reuse, mixed batches of decodes and prefills).
 
@@ -455,7 +478,8 @@ def cache_attention(q, k_cache, v_cache, cache_seqlens, *, cu_seqlens_q=None, ma
     The cache already holds these queries' keys and values: cache_seqlens[b] counts sequence b's
     tokens including its n_b new ones, and query i sits at position p = cache_seqlens[b] - n_b + i.
     causal=True: it sees positions [0, p]; causal=False: [0, cache_seqlens[b]). window_left >= 0:
-    additionally only positions >= p - window_left.
+    additionally only positions >= p - window_left. alibi_slopes fp32 [Hq] or [B, Hq]: the score of
+    position j gets -slope[b, h] * |p - j| (FlashAttention's ALiBi with Sq = n_b, Sk = cache_seqlens[b]).
     -> out like q, in q's dtype (+ lse [B, Hq, Sq] dense or [Hq, Tq] ragged, fp32 natural log). A query
     that sees nothing gets out 0 and lse -inf. decode_attention(q) equals cache_attention(q[:, None]).
 
@@ -504,13 +528,15 @@ def cache_attention(q, k_cache, v_cache, cache_seqlens, *, cu_seqlens_q=None, ma
     k_scale, v_scale = _attention_scales(k_scale, v_scale, k_cache.dtype, hkv, device)
     V.cache_index_values(k_cache, cache_seqlens, block_table, extra=0)
     V.query_counts(cache_seqlens, cu_seqlens_q, max_seqlen_q if ragged else None, None if ragged else q.shape[1])
+    alibi = V.alibi_slopes(alibi_slopes, B, hq, device)
 
     backend = resolve_backend("cache_attention", backend, device, q=q, k_cache=k_cache, v_cache=v_cache,
                               paged=block_table is not None, block_table=block_table, ragged=ragged,
-                              causal=causal, window_left=window_left, softcap=softcap)
+                              causal=causal, window_left=window_left, softcap=softcap, alibi=alibi is not None)
+    extra = () if alibi is None else (alibi,)
     out, lse = torch.ops.kvkernels.cache_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q,
                                                    block_table, causal, scale, window_left, softcap, k_scale,
-                                                   v_scale, num_splits, config.batch_invariant(), backend)
+                                                   v_scale, num_splits, config.batch_invariant(), backend, *extra)
     return (out, lse) if return_lse else out
 
 

@@ -10,6 +10,8 @@ Arguments arrive already validated and normalised by kvkernels.api:
   window          (left, right), -1 = unbounded; causal already folded into right (right <= 0)
   k_scale/v_scale fp32 [Hkv] (stride may be 0) for fp8 caches, for other attended caches when given
                   (value = stored * scale), else None
+  alibi_slopes    fp32 [B, Hq] (batch stride may be 0) or None: FlashAttention's ALiBi, a bias
+                  -slope[b, h] * |pos_q - pos_k| added to each score after the softcap, not scaled
 
 fp8 caches are float8_e4m3fn or float8_e5m2 (both K and V in one format). Reading either is exact
 (torch's widening); writing rounds to nearest even and saturates (quantize, e5m2_satfinite).
@@ -38,10 +40,19 @@ def _math_dtype(*tensors: torch.Tensor, upcast: bool = True) -> torch.dtype:
 # ----------------------------------------------------------------------------------- attention
 
 
-def _attend(q, k, v, scale, softcap, allowed):
+def alibi_bias(slopes: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype) -> torch.Tensor:
+    """ALiBi bias [Hq, Sq, Sk] = -slopes[h] * |q_pos[i] - k_pos[j]| in `dtype` (FlashAttention's
+    definition: q_pos of query i is i + Sk - Sq in a prefill, its cache position in decode / cache
+    attention). slopes [Hq]; positions are integer tensors."""
+    dist = (q_pos.to(torch.long)[:, None] - k_pos.to(torch.long)[None, :]).abs().to(dtype)
+    return -slopes.to(dtype)[:, None, None] * dist
+
+
+def _attend(q, k, v, scale, softcap, allowed, bias=None):
     """Softmax attention of one sequence.
 
     q [Sq, Hq, D], k/v [Sk, Hkv, D] (math dtype), allowed bool [Sq, Sk] -> out [Sq, Hq, D], lse [Hq, Sq].
+    bias [Hq, Sq, Sk] (ALiBi) or None: added to the scores after the softcap.
     Rows with no allowed key give out 0 and lse -inf.
     """
     group = q.shape[1] // k.shape[1]
@@ -53,6 +64,8 @@ def _attend(q, k, v, scale, softcap, allowed):
     scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # [Hq, Sq, Sk]
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
+    if bias is not None:
+        scores = scores + bias
     scores = scores.masked_fill(~allowed, float("-inf"))
     # Probabilities relative to the row maximum, normalised by their sum, as the kernels compute
     # them: exp(s - lse) with lse already rounded would be off by one rounding step of lse, which
@@ -85,12 +98,20 @@ def attention_mask(sq: int, sk: int, window_left: int, window_right: int, device
     return allowed
 
 
+def _slopes(alibi_slopes, b: int):
+    """Sequence b's slopes [Hq] of alibi_slopes [Hq] or [B, Hq], or None."""
+    if alibi_slopes is None:
+        return None
+    return alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[b]
+
+
 def prefill_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens_q=None,
-                      cu_seqlens_k=None, window_size=(-1, -1), softcap=0.0, upcast=True):
+                      cu_seqlens_k=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, upcast=True):
     """Flash-attention forward, dense or varlen.
 
     dense:  q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] -> out [B, Sq, Hq, D], lse [B, Hq, Sq] fp32
     varlen: q [Tq, Hq, D], k/v [Tk, Hkv, D], cu_seqlens_q/k int [B+1] -> out [Tq, Hq, D], lse [Hq, Tq]
+    alibi_slopes fp32 [Hq] or [B, Hq]: bias -slope * |i + Sk - Sq - j| (per sequence's lengths).
     """
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     left, right = window_size
@@ -106,7 +127,8 @@ def prefill_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens_q
         lse = torch.empty(B, Hq, Sq, dtype=lse_dtype, device=q.device)
         allowed = attention_mask(Sq, Sk, left, right, q.device)
         for b in range(B):
-            o, l = _attend(q[b].to(md), k[b].to(md), v[b].to(md), scale, softcap, allowed)
+            o, l = _attend(q[b].to(md), k[b].to(md), v[b].to(md), scale, softcap, allowed,
+                           _prefill_bias(alibi_slopes, b, Sq, Sk, md, q.device))
             out[b] = o.to(q.dtype)
             lse[b] = l.to(lse_dtype)
         return out, lse
@@ -118,10 +140,18 @@ def prefill_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens_q
     for b in range(len(cq) - 1):
         qs, qe, ks, ke = cq[b], cq[b + 1], ck[b], ck[b + 1]
         allowed = attention_mask(qe - qs, ke - ks, left, right, q.device)
-        o, l = _attend(q[qs:qe].to(md), k[ks:ke].to(md), v[ks:ke].to(md), scale, softcap, allowed)
+        o, l = _attend(q[qs:qe].to(md), k[ks:ke].to(md), v[ks:ke].to(md), scale, softcap, allowed,
+                       _prefill_bias(alibi_slopes, b, qe - qs, ke - ks, md, q.device))
         out[qs:qe] = o.to(q.dtype)
         lse[:, qs:qe] = l.to(lse_dtype)
     return out, lse
+
+
+def _prefill_bias(alibi_slopes, b, sq, sk, dtype, device):
+    slopes = _slopes(alibi_slopes, b)
+    if slopes is None:
+        return None
+    return alibi_bias(slopes, torch.arange(sq, device=device) + (sk - sq), torch.arange(sk, device=device), dtype)
 
 
 # ------------------------------------------------------------------------------------- caches
@@ -184,11 +214,12 @@ def gather_sequence(cache: torch.Tensor, b: int, length: int, block_table=None) 
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, softmax_scale=None,
-                     window_left=-1, softcap=0.0, k_scale=None, v_scale=None, upcast=True):
+                     window_left=-1, softcap=0.0, k_scale=None, v_scale=None, alibi_slopes=None, upcast=True):
     """One query token per sequence against its KV cache.
 
     q [B, Hq, D]; cache_seqlens int [B]; caches contiguous [B, S_max, Hkv, D] or paged
     [num_pages, page_size, Hkv, D] with block_table int [B, max_pages].
+    alibi_slopes fp32 [Hq] or [B, Hq]: bias -slope * (cache_seqlens[b] - 1 - j) on position j.
     -> out [B, Hq, D] (q's dtype), lse [B, Hq] fp32. Empty sequence: out 0, lse -inf.
     """
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
@@ -203,7 +234,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, so
         k = dequantize(gather_sequence(k_cache, b, length, block_table), k_scale, md)
         v = dequantize(gather_sequence(v_cache, b, length, block_table), v_scale, md)
         allowed = attention_mask(1, length, window_left, -1, q.device)
-        o, l = _attend(q[b].unsqueeze(0).to(md), k, v, scale, softcap, allowed)
+        bias = _cache_bias(alibi_slopes, b, 1, length, md, q.device)
+        o, l = _attend(q[b].unsqueeze(0).to(md), k, v, scale, softcap, allowed, bias)
         out[b] = o[0].to(q.dtype)
         lse[b] = l[:, 0].to(lse.dtype)
     return out, lse
@@ -223,14 +255,25 @@ def cache_attention_mask(n_q: int, length: int, causal: bool, window_left: int, 
     return allowed
 
 
+def _cache_bias(alibi_slopes, b, n_q, length, dtype, device):
+    """ALiBi bias of sequence b's n_q queries at positions length - n_q + i against positions [0, length)."""
+    slopes = _slopes(alibi_slopes, b)
+    if slopes is None:
+        return None
+    return alibi_bias(slopes, torch.arange(n_q, device=device) + (length - n_q), torch.arange(length, device=device),
+                      dtype)
+
+
 def cache_attention(q, k_cache, v_cache, cache_seqlens, *, cu_seqlens_q=None, block_table=None, causal=True,
-                    softmax_scale=None, window_left=-1, softcap=0.0, k_scale=None, v_scale=None, upcast=True):
+                    softmax_scale=None, window_left=-1, softcap=0.0, k_scale=None, v_scale=None, alibi_slopes=None,
+                    upcast=True):
     """Several new queries per sequence against a KV cache that already holds their keys and values.
 
     dense q [B, Sq, Hq, D] (n_b = Sq) or ragged q [Tq, Hq, D] with cu_seqlens_q int [B+1]
     (n_b = cu[b+1] - cu[b]); caches as in decode_attention; cache_seqlens[b] counts the n_b new tokens.
     Query i of sequence b sits at p = cache_seqlens[b] - n_b + i and sees [0, p] (causal) or
     [0, cache_seqlens[b]), and only positions >= p - window_left when window_left >= 0.
+    alibi_slopes fp32 [Hq] or [B, Hq]: bias -slope * |p - j| on position j.
     -> out like q (q's dtype), lse [B, Hq, Sq] (dense) or [Hq, Tq] (ragged) fp32. Seeing nothing:
     out 0, lse -inf.
     """
@@ -254,7 +297,8 @@ def cache_attention(q, k_cache, v_cache, cache_seqlens, *, cu_seqlens_q=None, bl
         k = dequantize(gather_sequence(k_cache, b, length, block_table), k_scale, md)
         v = dequantize(gather_sequence(v_cache, b, length, block_table), v_scale, md)
         allowed = cache_attention_mask(qe - qs, length, causal, window_left, q.device)
-        o, l = _attend(qb.to(md), k, v, scale, softcap, allowed)
+        bias = _cache_bias(alibi_slopes, b, qe - qs, length, md, q.device)
+        o, l = _attend(qb.to(md), k, v, scale, softcap, allowed, bias)
         if ragged:
             out[qs:qe] = o.to(q.dtype)
             lse[:, qs:qe] = l.to(lse_dtype)

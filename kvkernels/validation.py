@@ -423,3 +423,21 @@ def rotary_positions(name: str, positions, expected_shape: tuple, max_position: 
     if hi >= max_position:
         raise ValueError(f"{name}.max() = {hi} is past the cos/sin table's {max_position} positions "
                          f"(rotary_cos.shape[0])")
+
+
+def alibi_slopes(slopes, batch: int, hq: int, device) -> torch.Tensor | None:
+    """ALiBi slopes as FlashAttention takes them: fp32 [Hq] (one slope per query head, shared by the
+    batch) or [B, Hq] (per sequence). -> a [B, Hq] view (batch stride 0 for [Hq]; no copy), or None.
+    Values are not checked (a slope of any sign is the caller's choice)."""
+    if slopes is None:
+        return None
+    tensor("alibi_slopes", slopes, rank=(1, 2), dtypes=(torch.float32,), device=device)
+    if slopes.shape != (hq,) and slopes.shape != (batch, hq):
+        raise ValueError(f"alibi_slopes must have shape [Hq] = [{hq}] or [B, Hq] = [{batch}, {hq}], "
+                         f"got {list(slopes.shape)}")
+    if slopes.dim() == 1:
+        slopes = slopes.unsqueeze(0).expand(batch, hq)
+    if hq > 1 and slopes.stride(1) != 1:
+        raise ValueError(f"alibi_slopes must be contiguous in its last dimension (stride 1), got strides "
+                         f"{tuple(slopes.stride())}; call .contiguous() first")
+    return slopes

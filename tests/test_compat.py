@@ -90,14 +90,6 @@ def test_with_kvcache_int_seqlens_and_whole_cache():
     torch.testing.assert_close(whole.float(), ref.float(), atol=2e-3, rtol=2e-3)
 
 
-@pytest.mark.parametrize("arg,value", [("alibi_slopes", torch.zeros(HQ))])
-def test_with_kvcache_refuses_unsupported_arguments(arg, value):
-    q = torch.randn(2, 1, HQ, D, dtype=torch.float16)
-    cache = torch.randn(2, 8, HKV, D, dtype=torch.float16)
-    with pytest.raises(NotImplementedError, match=arg):
-        flash_attn_with_kvcache(q, cache, cache.clone(), cache_seqlens=4, **{arg: value})
-
-
 def test_with_kvcache_needs_seqlens_to_append():
     q = torch.randn(1, 1, HQ, D, dtype=torch.float16)
     cache = torch.randn(1, 8, HKV, D, dtype=torch.float16)
@@ -123,8 +115,6 @@ def test_flash_attn_func(causal, window):
     assert torch.equal(flash_attn_func(q, k, v, causal=causal, window_size=window), out)
     with pytest.raises(NotImplementedError, match="dropout"):
         flash_attn_func(q, k, v, dropout_p=0.1)
-    with pytest.raises(NotImplementedError, match="alibi_slopes"):
-        flash_attn_func(q, k, v, alibi_slopes=torch.zeros(HQ))
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["packed", "paged"])

@@ -13,7 +13,7 @@ import pytest
 import emu_variant
 
 ROOT = emu_variant.ROOT
-EMU_SOURCES = ("runtime.cpp", "ptx.cpp", "cuda_runtime.cpp")
+EMU_SOURCES = ("runtime.cpp", "ptx.cpp", "cuda_runtime.cpp", "sm90.cpp", "tma.cpp")
 
 
 def cute_include() -> str | None:

@@ -8,6 +8,9 @@
 #include <string>
 
 #include "emu/device.h"
+#include "emu/tma.h"
+
+#include <cstring>
 
 namespace kvk {
 namespace emu {
@@ -88,9 +91,16 @@ cudaError_t cudaFuncSetAttribute(const void* func, enum cudaFuncAttribute attr, 
 
 }  // extern "C"
 
-extern "C" cudaError_t cudaGetDriverEntryPointByVersion(const char*, void** ptr, unsigned int, unsigned long long,
+// The one driver entry point the kernels' launchers ask for is the TMA tensor-map encoder of the
+// sm_90a prefill: the emulator's own (emu/tma.h), which checks the driver's argument rules.
+extern "C" cudaError_t cudaGetDriverEntryPointByVersion(const char* symbol, void** ptr, unsigned int, unsigned long long,
                                                         cudaDriverEntryPointQueryResult* status) {
-  *ptr = nullptr;  // no driver: the TMA tensor-map encoder (sm_90a prefill) is absent
+  if (symbol && strcmp(symbol, "cuTensorMapEncodeTiled") == 0) {
+    *ptr = reinterpret_cast<void*>(&kvk::emu::tensor_map_encode_tiled);
+    if (status) *status = cudaDriverEntryPointSuccess;
+    return cudaSuccess;
+  }
+  *ptr = nullptr;
   if (status) *status = cudaDriverEntryPointSymbolNotFound;
   return cudaErrorNotSupported;
 }

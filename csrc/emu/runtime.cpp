@@ -2,6 +2,7 @@
 #include "emu/runtime.h"
 
 #include "emu/racecheck.h"
+#include "emu/tma.h"
 
 #include <ucontext.h>
 
@@ -9,6 +10,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -123,6 +125,48 @@ std::string ranges(const std::vector<int>& ids) {
   return s;
 }
 
+// The warps of a list of threads, "warps 4-7".
+std::string warps_of(const std::vector<int>& threads) {
+  std::vector<int> warps;
+  for (int t : threads) {
+    if (warps.empty() || warps.back() != t / kWarpSize) warps.push_back(t / kWarpSize);
+  }
+  return (warps.size() == 1 ? "warp " : "warps ") + ranges(warps);
+}
+
+// The state of every mbarrier, named barrier and setmaxnreg somebody waits at, for a hang report.
+std::string describe_sm90_waits(const Block& b) {
+  std::string s;
+  char buf[256];
+  for (const auto& [addr, m] : b.mbarriers) {
+    if (m.waiters.empty()) continue;
+    std::vector<int> w = m.waiters;
+    std::sort(w.begin(), w.end());
+    snprintf(buf, sizeof(buf),
+             " mbarrier at shared address %u: phase %u (parity %u) incomplete, %u of %u arrivals and %lld "
+             "transaction bytes pending, waited on by ",
+             addr, m.phase, m.phase & 1u, m.pending, m.count, static_cast<long long>(m.tx));
+    s += buf + warps_of(w) + " (threads " + ranges(w) + ");";
+  }
+  for (int id = 0; id < 16; ++id) {
+    const NamedBarrier& n = b.named[id];
+    if (n.waiters.empty()) continue;
+    std::vector<int> w = n.waiters;
+    std::sort(w.begin(), w.end());
+    snprintf(buf, sizeof(buf), " named barrier %d: %d of %d threads arrived, waited on by ", id, n.arrived, n.count);
+    s += buf + warps_of(w) + ";";
+  }
+  for (size_t g = 0; g < b.warpgroups.size(); ++g) {
+    const Warpgroup& wg = b.warpgroups[g];
+    if (wg.waiters.empty() && wg.room_waiter < 0) continue;
+    snprintf(buf, sizeof(buf), " setmaxnreg.%s %d of warpgroup %zu (%d registers per thread now): ",
+             wg.inc ? "inc" : "dec", wg.requested, g, wg.regs);
+    s += buf + (wg.room_waiter < 0 ? std::to_string(wg.arrived) + " of its 128 threads arrived;"
+                                   : std::string("the register file (64K) has no room for it;"));
+  }
+  return s;
+}
+
 [[noreturn]] void report_hang(Block& b) {
   std::map<std::string, std::vector<int>> by_state;  // what a thread waits at -> threads
   for (const Thread& t : b.threads) by_state[t.done ? "exited" : t.waiting].push_back(t.linear);
@@ -131,6 +175,7 @@ std::string ranges(const std::vector<int>& ids) {
     msg += (state == "exited" ? " threads " + ranges(ids) + " exited;"
                               : " threads " + ranges(ids) + " wait at " + state + ";");
   }
+  msg += describe_sm90_waits(b);
   throw std::runtime_error(msg);
 }
 
@@ -154,8 +199,15 @@ void run_block(Block& b, std::vector<Fiber>& fibers) {
       ran = true;
       if (!g.error.empty()) throw std::runtime_error(g.error);
     }
-    if (all_done) return;
-    if (!ran) report_hang(b);
+    if (all_done) {
+      land_async_copies();  // the block's last copies land in memory nobody reads any more
+      return;
+    }
+    // A scheduling point: the TMA copies issued in this round land now (after their issuers
+    // blocked), which may wake threads waiting on their mbarriers.
+    const bool landed = land_async_copies();
+    if (!g.error.empty()) throw std::runtime_error(g.error);
+    if (!ran && !landed) report_hang(b);
   }
 }
 
@@ -215,6 +267,7 @@ void run_grid(const char* kernel, dim3 grid, dim3 block, size_t smem_bytes, cons
       g.thread = nullptr;
       g.body = nullptr;
       g.error.clear();
+      drop_async_copies();
       race::block_end();
     }
   } reset;
@@ -236,6 +289,10 @@ void run_grid(const char* kernel, dim3 grid, dim3 block, size_t smem_bytes, cons
         memset(b.smem, kPoison, smem_bytes);
         b.threads.resize(nthreads);
         b.warps.resize((nthreads + kWarpSize - 1) / kWarpSize);
+        // Registers per thread at launch: the most the register file (64K) gives this block size,
+        // as __launch_bounds__(threads, 1) lets the compiler use; setmaxnreg moves from there.
+        b.warpgroups.resize(nthreads / 128);
+        for (Warpgroup& wg : b.warpgroups) wg.regs = std::min(255, 65536 / nthreads) / 8 * 8;
         for (int i = 0; i < nthreads; ++i) {
           Thread& t = b.threads[i];
           t.linear = i;
@@ -267,6 +324,14 @@ void sync_block(const char* name) {
   yield();
 }
 
+void block_current(const char* name) {
+  Thread& t = current();
+  t.waiting = name;
+  yield();
+}
+
+void wake(int linear) { g.block->threads[linear].waiting = nullptr; }
+
 const uint32_t* warp_collective(const char* name, CollectiveFn fn, uint32_t mask, const uint32_t* in, int n_in) {
   Thread& t = current();
   Block& b = *g.block;
@@ -285,7 +350,7 @@ const uint32_t* warp_collective(const char* name, CollectiveFn fn, uint32_t mask
     fail("warp %d diverged: lane %d is at %s (mask 0x%08x) while lanes of mask 0x%08x wait at %s", t.warp, t.lane,
          name, mask, w.mask, w.name);
   }
-  memcpy(w.in[t.lane], in, sizeof(uint32_t) * n_in);
+  if (n_in) memcpy(w.in[t.lane], in, sizeof(uint32_t) * n_in);  // __syncwarp, elect.sync: no inputs
   w.arrived |= bit;
   if (w.arrived == mask) {
     {

@@ -21,6 +21,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -64,6 +65,32 @@ struct Warp {
   uint32_t out[kWarpSize][kCollectiveOutWords];
 };
 
+// An mbarrier (sm_90 "mbarrier" objects in shared memory; emu/sm90.cpp). The 8 bytes the kernel
+// reserves hold a tag the emulator checks at every operation; the state lives here.
+struct MBarrier {
+  uint32_t count = 0;    // arrivals per phase (the init count)
+  uint32_t pending = 0;  // arrivals still missing in the current phase
+  int64_t tx = 0;        // transaction bytes still expected in the current phase (may go negative)
+  uint32_t phase = 0;    // phases completed so far; the current phase's parity is phase & 1
+  std::vector<int> waiters;  // threads blocked in try_wait on this barrier
+};
+
+// A named barrier (bar.sync / bar.arrive with an id and a thread count).
+struct NamedBarrier {
+  int count = 0, arrived = 0;  // count 0: no generation under way
+  std::vector<int> waiters;
+};
+
+// setmaxnreg of one warpgroup (four consecutive warps).
+struct Warpgroup {
+  int regs = 0;                       // registers per thread now
+  int arrived = 0, requested = 0;     // a setmaxnreg gathering its 128 threads
+  bool inc = false;
+  unsigned generation = 0;            // setmaxnreg calls completed
+  int room_waiter = -1;               // the thread whose .inc waits for register-file room
+  std::vector<int> waiters;           // the other threads, waiting for that one
+};
+
 struct Block {
   uint3 idx;
   std::vector<Thread> threads;
@@ -71,6 +98,9 @@ struct Block {
   unsigned char* smem = nullptr;  // the launch's dynamic shared memory, exactly smem_bytes
   size_t smem_bytes = 0;
   int barrier_arrived = 0;
+  std::map<uint32_t, MBarrier> mbarriers;  // by shared address
+  NamedBarrier named[16];
+  std::vector<Warpgroup> warpgroups;
 };
 
 struct Launch {
@@ -87,6 +117,12 @@ const Launch& current_launch();
 void run_grid(const char* kernel, dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body);
 
 void sync_block(const char* name);
+
+// Blocks the running thread (its `waiting` set to name) until another thread clears it: the
+// primitive behind mbarrier waits, named barriers and setmaxnreg (emu/sm90.cpp).
+void block_current(const char* name);
+// Makes a blocked thread runnable again.
+void wake(int linear);
 
 // Deposits this lane's inputs and blocks until every lane of `mask` has arrived at the same
 // collective; returns this lane's outputs (valid until its next collective).

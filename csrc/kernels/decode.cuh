@@ -326,6 +326,20 @@ __global__ void __launch_bounds__(kThreads, 2) kvk_decode_kernel(const __grid_co
       }
     }
   }
+  // ALiBi of rows g, g + 8: slope in log2 units (0 for no bias or no row) and the row's position.
+  const bool has_alibi = p.alibi_slopes != nullptr;
+  float alibi[2] = {0.0f, 0.0f};
+  int alibi_pos[2] = {len - 1, len - 1};
+  if (has_alibi) {
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const int r = mt * 16 + g + 8 * k;
+      if (r < rows) {
+        alibi[k] = p.alibi_slopes[b * p.alibi_stride_b + row_head(r)] * kLog2e;
+        if constexpr (kCacheAttn) alibi_pos[k] = len - n_q + row_token(r);
+      }
+    }
+  }
   const int64_t first = start + static_cast<int64_t>(split) * p.split_tokens;
   const int lo = static_cast<int>(min(first, static_cast<int64_t>(end)));
   const int hi = static_cast<int>(min(first + p.split_tokens, static_cast<int64_t>(end)));
@@ -457,6 +471,10 @@ __global__ void __launch_bounds__(kThreads, 2) kvk_decode_kernel(const __grid_co
             x = softcap_log2 * (1.0f - __fdividef(2.0f, 1.0f + e2x));
           }
           const int token = 8 * j + c2 + (e & 1);
+          if (has_alibi) {  // uniform branch; one FMA a score, after the softcap
+            const int dist = alibi_pos[e >> 1] - (lo + tile * kT + sb * 16 + token);
+            x = fmaf(-alibi[e >> 1], static_cast<float>(dist < 0 ? -dist : dist), x);
+          }
           bool seen = token < lim_hi[e >> 1] && ((row_ok >> token) & 1u);
           if (kCacheAttn) seen = seen && token >= lim_lo[e >> 1];
           s[j][e] = seen ? x : neg_inf();

@@ -129,6 +129,10 @@ struct DecodeParams {
   float softmax_scale;
   float softcap;    // 0 = off; else scores = softcap * tanh(scores / softcap)
   int window_left;  // -1 = unbounded; else positions >= p - window_left (decode: the last window_left + 1)
+  // ALiBi (FlashAttention's alibi_slopes): the score of the query at p and position j gets
+  // -slope * |p - j| (after the softcap, unscaled), slope = alibi_slopes[b * alibi_stride_b + head].
+  const float* alibi_slopes;  // fp32 [B, Hq], head stride 1, or nullptr (no bias)
+  int64_t alibi_stride_b;     // 0: one slope per head for every sequence
 
   // ---- split-KV plan (kvkernels/decode_plan.py)
   int num_splits;   // >= 1

@@ -75,10 +75,11 @@ constexpr float kLn2 = 0.6931471805599453f;
 //   row_max:  running max of x (log2 domain), -inf while a row has seen nothing
 //   row_sum:  this thread's share of the running sum (the 4 threads of a row are summed at the end)
 //   rescale:  factor 2^(m_old - m_new) the caller applies to its O accumulators
+//   alibi_log2: ALiBi slope * log2(e) of this head (0: none): x -= alibi_log2 * |row + diag - key|
 template <int N>
 __device__ __forceinline__ void softmax_tile(float (&s)[N], float (&row_max)[2], float (&row_sum)[2],
                                              float (&rescale)[2], const PrefillParams& p, const Mask& mask,
-                                             bool masked, int row, int col) {
+                                             bool masked, int row, int col, float alibi_log2 = 0.0f) {
   // Scores -> log2 domain (see PrefillParams). Branches on the block-uniform softcap and mask
   // flags sit outside the element loops, so each loop is straight-line code. (Not tanh.approx: its
   // 2^-11 relative error times a softcap of ~30 would cost more than a bf16 rounding of a logit.)
@@ -88,6 +89,16 @@ __device__ __forceinline__ void softmax_tile(float (&s)[N], float (&row_max)[2],
   } else {
 #pragma unroll
     for (int i = 0; i < N; ++i) s[i] *= p.scale_log2;
+  }
+  // ALiBi: a block-uniform branch, one FMA a score (the bias is added after the softcap).
+  if (alibi_log2 != 0.0f) {
+    // Signed distance of element 0 from its row's diagonal (exact in fp32: |distance| < 2^24); the
+    // others differ by the small constants of the accumulator layout.
+    const float d0 = static_cast<float>(row + mask.diag - col);
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      s[i] = fmaf(-alibi_log2, fabsf(d0 + static_cast<float>(8 * ((i >> 1) & 1) - (i >> 2) * 8 - (i & 1))), s[i]);
+    }
   }
   if (masked) {
     int lo[2], hi[2];

@@ -50,6 +50,13 @@ struct PrefillParams {
   // Causal is window_right = 0 (bottom-right aligned).
   int window_left;
   int window_right;
+
+  // ALiBi (FlashAttention's alibi_slopes): the score of query i and key j gets
+  //   -slope * |i + Sk - Sq - j|  (natural-log units, after the softcap, not scaled),
+  // slope = alibi_slopes[b * alibi_batch_stride + head]. nullptr = none (path 80 only).
+  const float* alibi_slopes;  // fp32 [B, Hq], head stride 1, or nullptr
+  int64_t alibi_batch_stride; // 0: one slope per head for every sequence
+  float alibi_pre;            // 1 / softmax_scale: the bias joins the raw scores (path 80, no softcap)
 };
 
 }  // namespace kvk

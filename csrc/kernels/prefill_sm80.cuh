@@ -53,6 +53,19 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t 
   }
 }
 
+// One fp32 load kept where it is written (a volatile asm is not hoisted): the ALiBi slope is read
+// next to its use in every tile, so nothing extra stays live across the MMAs (at D = 256 that register
+// is a spill on sm_90a). The emulator and the host pass read it plainly.
+__device__ __forceinline__ float load_in_place(const float* ptr) {
+#if defined(__CUDA_ARCH__)
+  float v;
+  asm volatile("ld.global.nc.f32 %0, [%1];" : "=f"(v) : "l"(ptr));
+  return v;
+#else
+  return *ptr;
+#endif
+}
+
 template <typename T_, int D>
 struct Sm80Config : Sm80Shape<D> {
   using T = T_;
@@ -166,6 +179,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) kvk_prefill_sm80_kernel(cons
       float s[kNTilesS * 4];
 #pragma unroll
       for (int i = 0; i < kNTilesS * 4; ++i) s[i] = 0.0f;
+      // ALiBi without a softcap: the accumulators start at -slope / softmax_scale * |distance|, so the
+      // scaling below turns them into -slope * log2(e) * |distance| (FlashAttention's way). A uniform
+      // branch; the slope is read in place (held across the loop, one register spills at D = 256).
+      if (p.alibi_slopes != nullptr && p.softcap == 0.0f) {
+        const float a = load_in_place(p.alibi_slopes + blockIdx.z * p.alibi_batch_stride + blockIdx.y) * p.alibi_pre;
+        const float d0 = static_cast<float>(row_a + mask.diag - n0 - col_a);
+#pragma unroll
+        for (int i = 0; i < kNTilesS * 4; ++i)
+          s[i] = -a * fabsf(d0 + static_cast<float>(8 * ((i >> 1) & 1) - (i >> 2) * 8 - (i & 1)));
+      }
 #pragma unroll
       for (int kk = 0; kk < kKSteps; ++kk) {
         uint32_t a[4];
@@ -183,10 +206,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) kvk_prefill_sm80_kernel(cons
         }
       }
 
-      // ---- scale (+ softcap), mask, online softmax
+      // ---- scale (+ softcap), ALiBi, mask, online softmax
       float rescale[2];
       softmax_tile(s, row_max, row_sum, rescale, p, mask, mask.needs_mask(m_start, m_last, n0, BN), row_a,
-                   n0 + col_a);
+                   n0 + col_a,
+                   // ALiBi with a softcap: added after the tanh (not compiled at D = 256, whose registers
+                   // it would overflow on sm_90a; kvkernels.cuda.prefill sends that case elsewhere).
+                   Cfg::kHeadDim < 256 && p.alibi_slopes != nullptr && p.softcap > 0.0f
+                       ? load_in_place(p.alibi_slopes + blockIdx.z * p.alibi_batch_stride + blockIdx.y) *
+                             1.4426950408889634f
+                       : 0.0f);
 #pragma unroll
       for (int t = 0; t < kNTilesO; ++t) {
         o[t][0] *= rescale[0];

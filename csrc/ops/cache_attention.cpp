@@ -41,7 +41,7 @@ void cache_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cac
                      const std::optional<Tensor>& k_scale, const std::optional<Tensor>& v_scale, Tensor& out,
                      Tensor& lse, Tensor& workspace_out, Tensor& workspace_lse, int64_t max_seqlen_q, bool causal,
                      double softmax_scale, int64_t window_left, double softcap, int64_t num_splits,
-                     int64_t split_tokens) {
+                     int64_t split_tokens, const std::optional<Tensor>& alibi_slopes) {
   const bool ragged = cu_seqlens_q.has_value();
   TORCH_CHECK(q.dim() == (ragged ? 3 : 4), "cache_attention: q must be ",
               ragged ? "[Tq, Hq, D] with cu_seqlens_q" : "[B, Sq, Hq, D] without cu_seqlens_q", ", got ", q.sizes());
@@ -123,6 +123,7 @@ void cache_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cac
   p.window_left = static_cast<int>(window);
   p.num_splits = static_cast<int>(num_splits);
   p.split_tokens = static_cast<int>(split_tokens);
+  set_alibi(kOp, alibi_slopes, q, batch, hq, p.alibi_slopes, p.alibi_stride_b);
 
   const OpsLaunchContext ctx(q);
   const cudaError_t err = launch_cache_attention(p, q_dtype, cache_dtype, paged, ctx.stream());
@@ -136,7 +137,7 @@ TORCH_LIBRARY_FRAGMENT(KVK_OPS_NAMESPACE, m) {
   m.def("cache_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? cu_seqlens_q, "
         "Tensor? block_table, Tensor? k_scale, Tensor? v_scale, Tensor(a!) out, Tensor(b!) lse, "
         "Tensor(c!) workspace_out, Tensor(d!) workspace_lse, int max_seqlen_q, bool causal, float softmax_scale, "
-        "int window_left, float softcap, int num_splits, int split_tokens) -> ()");
+        "int window_left, float softcap, int num_splits, int split_tokens, Tensor? alibi_slopes=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(KVK_OPS_NAMESPACE, KVK_OPS_DISPATCH, m) { m.impl("cache_attention", &kvk::cache_attention); }

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -36,6 +37,24 @@ inline void check_vector_layout(const char* prefix, const char* name, const at::
     TORCH_CHECK(t.size(d) == 1 || (t.stride(d) * elem) % 16 == 0, prefix, name, ": stride ", t.stride(d), " of dim ",
                 d, " is not a multiple of 16 bytes");
   }
+}
+
+// alibi_slopes: fp32 [B, Hq] (batch stride may be 0: one slope per head), head stride 1, on q's device.
+// Absent: nullptr (the kernels add no bias).
+inline void set_alibi(const char* prefix, const std::optional<at::Tensor>& slopes, const at::Tensor& q, int64_t batch,
+                      int64_t hq, const float*& ptr, int64_t& batch_stride) {
+  ptr = nullptr;
+  batch_stride = 0;
+  if (!slopes.has_value()) return;
+  const at::Tensor& s = *slopes;
+  check_device(prefix, "alibi_slopes", s, q);
+  TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 2 && s.size(0) == batch && s.size(1) == hq, prefix,
+              "alibi_slopes must be float32 [B, Hq] = [", batch, ", ", hq, "] (batch stride 0 for one slope per head), "
+              "got ", s.scalar_type(), " ", s.sizes());
+  TORCH_CHECK(hq <= 1 || s.stride(1) == 1, prefix, "alibi_slopes must be contiguous along heads, got strides ",
+              s.strides());
+  ptr = s.data_ptr<float>();
+  batch_stride = batch > 1 ? s.stride(0) : 0;
 }
 
 }  // namespace kvk

@@ -36,7 +36,7 @@ void decode(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const
             const std::optional<Tensor>& block_table, const std::optional<Tensor>& k_scale,
             const std::optional<Tensor>& v_scale, Tensor& out, Tensor& lse, Tensor& workspace_out,
             Tensor& workspace_lse, double softmax_scale, int64_t window_left, double softcap, int64_t num_splits,
-            int64_t split_tokens) {
+            int64_t split_tokens, const std::optional<Tensor>& alibi_slopes) {
   TORCH_CHECK(q.dim() == 3, "decode: q must be [B, Hq, D], got ", q.sizes());
   check_device(kOp, "q", q, q);
   check_device(kOp, "out", out, q);
@@ -81,6 +81,7 @@ void decode(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const
   p.window_left = static_cast<int>(window);
   p.num_splits = static_cast<int>(num_splits);
   p.split_tokens = static_cast<int>(split_tokens);
+  set_alibi(kOp, alibi_slopes, q, batch, hq, p.alibi_slopes, p.alibi_stride_b);
 
   const OpsLaunchContext ctx(q);
   const cudaError_t err = launch_decode(p, q_dtype, cache_dtype, paged, ctx.stream());
@@ -94,7 +95,7 @@ TORCH_LIBRARY_FRAGMENT(KVK_OPS_NAMESPACE, m) {
   m.def("decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? block_table, "
         "Tensor? k_scale, Tensor? v_scale, Tensor(a!) out, Tensor(b!) lse, Tensor(c!) workspace_out, "
         "Tensor(d!) workspace_lse, float softmax_scale, int window_left, float softcap, int num_splits, "
-        "int split_tokens) -> ()");
+        "int split_tokens, Tensor? alibi_slopes=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(KVK_OPS_NAMESPACE, KVK_OPS_DISPATCH, m) { m.impl("decode", &kvk::decode); }

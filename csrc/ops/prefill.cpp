@@ -70,7 +70,7 @@ int device_major(const Tensor& t) {
 void prefill_op(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& cu_seqlens_q,
              const std::optional<Tensor>& cu_seqlens_k, const Tensor& out, const Tensor& lse, int64_t max_seqlen_q,
              int64_t max_seqlen_k, double softmax_scale, int64_t window_left, int64_t window_right, double softcap,
-             int64_t path) {
+             int64_t path, const std::optional<Tensor>& alibi_slopes) {
   const bool varlen = q.dim() == 3;
   TORCH_CHECK(q.dim() == 3 || q.dim() == 4, "prefill: q must be [B, Sq, Hq, D] or [Tq, Hq, D], got ", q.sizes());
   TORCH_CHECK(k.dim() == q.dim() && v.sizes() == k.sizes(), "prefill: k and v must be ", q.dim(),
@@ -187,6 +187,12 @@ void prefill_op(const Tensor& q, const Tensor& k, const Tensor& v, const std::op
   p.softcap_inv_scale = static_cast<float>(softcap > 0.0 ? softmax_scale / softcap : 0.0);
   p.window_left = static_cast<int>(clamp_window(window_left, total_q + total_k));
   p.window_right = static_cast<int>(clamp_window(window_right, total_q + total_k));
+  set_alibi("prefill: ", alibi_slopes, q, batch, hq, p.alibi_slopes, p.alibi_batch_stride);
+  TORCH_CHECK(p.alibi_slopes == nullptr || path == prefill::kPathSm80,
+              "prefill: alibi_slopes needs path 80 (the sm_90a kernel has no ALiBi)");
+  TORCH_CHECK(p.alibi_slopes == nullptr || (softmax_scale != 0.0 && !(softcap > 0.0 && d == 256)),
+              "prefill: alibi_slopes needs softmax_scale != 0, and no softcap at head dim 256");
+  p.alibi_pre = p.alibi_slopes != nullptr ? static_cast<float>(1.0 / softmax_scale) : 0.0f;
 
   const OpsLaunchContext ctx(q);
   const cudaError_t err = prefill_launch(static_cast<int>(path), q.scalar_type() == at::kBFloat16, p, ctx.stream());
@@ -243,7 +249,7 @@ std::tuple<std::vector<int64_t>, std::vector<int64_t>> prefill_mask_plan(int64_t
 TORCH_LIBRARY_FRAGMENT(KVK_OPS_NAMESPACE, m) {
   m.def("prefill(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor(a!) out, "
         "Tensor(b!) lse, int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, "
-        "int window_right, float softcap, int path) -> ()");
+        "int window_right, float softcap, int path, Tensor? alibi_slopes=None) -> ()");
   m.def("prefill_plan(int path, int head_dim, int batch, int num_heads, int max_seqlen_q) -> int[]",
         &kvk::prefill_plan_op);
   m.def("prefill_mask_plan(int seqlen_q, int seqlen_k, int window_left, int window_right, int block_m, "

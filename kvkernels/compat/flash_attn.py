@@ -22,8 +22,14 @@ Supported beyond the three basic functions:
     when paged), out= (keyword). FlashAttention 2's positional order is kept (vLLM's fork reorders it).
   * the packed forms take qkv [B, S, 3, H, D] / kv [B, Sk, 2, Hkv, D] (varlen: [T, 3, H, D] /
     [Tk, 2, Hkv, D]) as strided views, without a copy: every backend reads strides (last dim contiguous).
-Raising NotImplementedError by name: dropout_p > 0, alibi_slopes; there is no
-backward. FlashAttention's own refusals are kept: cache_batch_idx or cache_leftpad with a block_table
+  * alibi_slopes fp32 [Hq] or [B, Hq] in every function, FlashAttention's bias -slope * |i + Sk - Sq - j|
+    (after the softcap, unscaled; Sk, Sq per sequence: varlen spans, seqused_k, cache lengths after the
+    append). With cache_leftpad the distances count unpadded keys, as FlashAttention's do (its key 0
+    is the row's position cache_leftpad[b]); the |.| is shift-invariant, so they equal row positions'.
+    The returned lse is the log-sum-exp of these logits. FlashAttention's causal kernel adds +slope * j
+    instead (the same probabilities), so its lse is larger by slope * (i + Sk - Sq) on causal calls
+    without a window; ours is the one that merges across key chunks.
+Raising NotImplementedError: dropout_p > 0; there is no backward. FlashAttention's own refusals are kept: cache_batch_idx or cache_leftpad with a block_table
 raise ValueError.
 
 flash_attn_with_kvcache paths:
@@ -59,12 +65,6 @@ import torch
 from .. import api
 
 
-def _unsupported(**named):
-    used = [name for name, value in named.items() if value is not None and value is not False]
-    if used:
-        raise NotImplementedError(f"kvkernels.compat.flash_attn does not support {', '.join(used)}")
-
-
 def _dropout(dropout_p):
     if dropout_p:
         raise NotImplementedError(f"dropout_p={dropout_p}: kvkernels is inference-only (use dropout_p=0.0)")
@@ -85,10 +85,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] -> out [B, Sq, Hq, D]
     (return_attn_probs=True: (out, softmax_lse [B, Hq, Sq], None); the probabilities are not formed)."""
     _dropout(dropout_p)
-    _unsupported(alibi_slopes=alibi_slopes)
     q, k, v = (_contig_last(x) for x in (q, k, v))
     out, lse = api.prefill_attention(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                                     window_size=_window(window_size), softcap=softcap, return_lse=True)
+                                     window_size=_window(window_size), softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -293,7 +292,6 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     those keys. out= [Tq, Hq, D] in q's dtype receives the result (and is returned).
     """
     _dropout(dropout_p)
-    _unsupported(alibi_slopes=alibi_slopes)
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         raise ValueError(f"q must be a tensor [Tq, Hq, D], got {getattr(q, 'shape', type(q).__name__)}")
     _check_out(out, q.shape, q.dtype, q.device)
@@ -323,7 +321,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             res, lse = api.cache_attention(q, pages_k, pages_v, lengths, cu_seqlens_q=cu_seqlens_q,
                                            max_seqlen_q=int(max_seqlen_q), block_table=table, causal=mask[0],
                                            softmax_scale=softmax_scale, window_left=mask[1], softcap=softcap,
-                                           return_lse=True)
+                                           alibi_slopes=alibi_slopes, return_lse=True)
             res = _into(out, res)
             return (res, lse, None) if return_attn_probs else res
         # A mask cache_attention cannot express: gather the keys into the packed layout (a copy).
@@ -335,7 +333,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     res, lse = api.prefill_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q,
                                      cu_seqlens_k=cu_seqlens_k, max_seqlen_q=int(max_seqlen_q),
                                      max_seqlen_k=int(max_seqlen_k), window_size=_window(window_size),
-                                     softcap=softcap, return_lse=True)
+                                     softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True)
     res = _into(out, res)
     return (res, lse, None) if return_attn_probs else res
 
@@ -424,7 +422,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     rotary_interleaved=True pairs adjacent dims (GPT-J), False the two halves (GPT-NeoX).
     -> out [B, Sq, Hq, D] (+ softmax_lse [B, Hq, Sq] fp32 when return_softmax_lse).
     """
-    _unsupported(alibi_slopes=alibi_slopes)
     rotary = rotary_cos is not None or rotary_sin is not None
     if rotary and k is None:
         raise ValueError("rotary_cos/rotary_sin rotate the appended keys and the queries: pass k and v with them "
@@ -493,13 +490,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if sq == 1:
         res, lse = api.decode_attention(q[:, 0], k_cache, v_cache, total, block_table=block_table,
                                         softmax_scale=softmax_scale, window_left=left, softcap=softcap,
-                                        num_splits=num_splits, return_lse=True)
+                                        num_splits=num_splits, alibi_slopes=alibi_slopes, return_lse=True)
         res, lse = res.unsqueeze(1), lse.unsqueeze(-1)
     elif (mask := _cache_causal(causal, (left, right))) is not None and not _fewer_keys_than_queries(total, sq):
         # Several queries per sequence, on the cache in place: query i sits at total - Sq + i.
         res, lse = api.cache_attention(q, k_cache, v_cache, total, block_table=block_table, causal=mask[0],
                                        softmax_scale=softmax_scale, window_left=mask[1], softcap=softcap,
-                                       num_splits=num_splits, return_lse=True)
+                                       num_splits=num_splits, alibi_slopes=alibi_slopes, return_lse=True)
     else:
         # A mask cache_attention cannot express: packed copy of the cached keys/values, varlen prefill.
         cu_k = _cumulative(total)
@@ -516,7 +513,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         res, lse = api.prefill_attention(q.reshape(B * sq, hq, d), kk, vv, causal=causal, softmax_scale=softmax_scale,
                                          cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=sq,
                                          max_seqlen_k=int(total.max()) if B else 0, window_size=(left, right),
-                                         softcap=softcap, return_lse=True)
+                                         softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True)
         res = res.view(B, sq, hq, d)
         lse = lse.view(hq, B, sq).permute(1, 0, 2)
     res = _into(out, res)

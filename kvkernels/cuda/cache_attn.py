@@ -71,8 +71,10 @@ def unsupported(op: str, *, q, k_cache, v_cache=None, paged=False, block_table=N
 
 
 def cache_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q, block_table, causal,
-                    softmax_scale, window_left, softcap, k_scale, v_scale, num_splits, batch_invariant):
+                    softmax_scale, window_left, softcap, k_scale, v_scale, num_splits, batch_invariant,
+                    alibi_slopes=None):
     """Normalised entry point (see kvkernels.api) -> out like q (q.dtype), lse [B, Hq, Sq] or [Hq, Tq] fp32.
+    alibi_slopes: fp32 [B, Hq] (batch stride may be 0) or None.
 
     q dense [B, Sq, Hq, D] or ragged [Tq, Hq, D] with cu_seqlens_q int32 [B+1] and max_seqlen_q >= every
     n_b; caches [B, S_max, Hkv, D], or [num_pages, page_size, Hkv, D] with block_table int32 [B, max_pages];
@@ -102,5 +104,6 @@ def cache_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen
     ws_lse = torch.empty((s, tokens, hq) if s > 1 else (0,), dtype=torch.float32, device=q.device)
     ops(q.device).cache_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, block_table, k_scale, v_scale,
                                   out, lse, ws_out, ws_lse, max_q if ragged else q.shape[1], bool(causal),
-                                  float(softmax_scale), int(window_left), float(softcap), s, split_plan.split_tokens)
+                                  float(softmax_scale), int(window_left), float(softcap), s, split_plan.split_tokens,
+                                  alibi_slopes)
     return out, lse

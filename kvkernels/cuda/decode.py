@@ -90,8 +90,9 @@ def unsupported(op: str, *, q, k_cache, v_cache=None, paged=False, block_table=N
 
 
 def decode(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_left, softcap, k_scale, v_scale,
-           num_splits, batch_invariant):
+           num_splits, batch_invariant, alibi_slopes=None):
     """Normalised entry point (see kvkernels.api) -> out [B, Hq, D] q.dtype, lse [B, Hq] fp32.
+    alibi_slopes: fp32 [B, Hq] (batch stride may be 0) or None.
 
     q [B, Hq, D]; caches [B, S_max, Hkv, D], or [num_pages, page_size, Hkv, D] with block_table int32
     [B, max_pages]; cache_seqlens int32 [B]; k_scale/v_scale fp32 [Hkv] (fp8 caches, stride may be 0).
@@ -112,5 +113,5 @@ def decode(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, windo
     ws_lse = torch.empty(ws_lse_shape, dtype=torch.float32, device=q.device)
     ops(q.device).decode(q, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, out, lse,
                          ws_out, ws_lse, float(softmax_scale), int(window_left), float(softcap),
-                         split_plan.num_splits, split_plan.split_tokens)
+                         split_plan.num_splits, split_plan.split_tokens, alibi_slopes)
     return out, lse

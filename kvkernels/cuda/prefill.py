@@ -4,14 +4,16 @@ Two kernels, one chosen per call by the device's compute capability (`select_pat
   path 90  wgmma + TMA + warp specialisation, in the sm_90a cubin: compute capability 9.0
            (H100/H200) when the tensors suit TMA (no zero strides);
   path 80  mma.sync + ldmatrix + cp.async: every other sm_80+ device the build has SASS for
-           (sm_80/86/87/89 from the sm_80 cubin), and H100 when path 90 cannot take the call.
+           (sm_80/86/87/89 from the sm_80 cubin), and H100 when path 90 cannot take the call:
+           calls with alibi_slopes (ALiBi is in the path-80 kernel only) or tensors TMA cannot take.
 KVKERNELS_PREFILL_PATH=80 or 90 forces one (e.g. to test or time the sm80 kernel on an H100);
 auto otherwise.
 
 What the kernels take (anything else gets a reason from `unsupported`, and auto selection gives
 the call to Triton): float16/bfloat16; head dims 64, 128, 256; any GQA group; dense or varlen;
-any causal/window/softcap; q, k, v starting 16-byte aligned, contiguous in the last dimension, every
-other stride of a dimension longer than 1 a multiple of 16 bytes (tiles travel as 16-byte copies).
+any causal/window/softcap; ALiBi (path 80; not with a softcap at D = 256); q, k, v starting 16-byte
+aligned, contiguous in the last dimension, every other stride of a dimension longer than 1 a multiple
+of 16 bytes (tiles travel as 16-byte copies).
 
 This wrapper allocates out and lse from shapes and never reads tensor values, so a call is
 CUDA-graph capturable and the raw op allocates nothing.
@@ -82,15 +84,16 @@ def runnable_paths(capability: tuple[int, int], arch_list: str) -> tuple[int, ..
 
 
 def select_path(capability: tuple[int, int], arch_list: str, *, tma_ok: bool, smem_optin: int,
-                smem_needed: dict[int, int], forced: int | None = None) -> int | None:
+                smem_needed: dict[int, int], forced: int | None = None, alibi: bool = False) -> int | None:
     """The path for one call, or None when no kernel of this build can run it here.
 
-    tma_ok: the tensors suit TMA (path 90); smem_optin: the device's per-block shared memory
+    tma_ok: the tensors suit TMA (path 90); alibi: the call has ALiBi slopes, which only path 80
+    adds (path 90 is then not usable); smem_optin: the device's per-block shared memory
     limit; smem_needed: path -> bytes the kernel's tiles need (prefill_plan); forced: a path
     demanded through KVKERNELS_PREFILL_PATH.
     """
     usable = [p for p in runnable_paths(capability, arch_list)
-              if smem_needed.get(p, 1 << 62) <= smem_optin and (p != PATH_SM90 or tma_ok)]
+              if smem_needed.get(p, 1 << 62) <= smem_optin and (p != PATH_SM90 or (tma_ok and not alibi))]
     if forced is not None:
         return forced if forced in usable else None
     return usable[0] if usable else None
@@ -139,12 +142,12 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
     return all(t.stride(d) != 0 for t in tensors for d in range(t.dim() - 1) if t.shape[d] > 1)
 
 
-def path_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int | None:
+def path_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi: bool = False) -> int | None:
     capability, optin, archs = _target(q)
     d = q.shape[-1]
     needed = {p: plan(p, d, 1, 1, 1)["smem_bytes"] for p in PATHS}
     return select_path(capability, archs, tma_ok=_tma_ok(q, k, v), smem_optin=optin, smem_needed=needed,
-                       forced=forced_path())
+                       forced=forced_path(), alibi=alibi)
 
 
 # ------------------------------------------------------------------------------- unsupported
@@ -171,17 +174,24 @@ def config_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: boo
     return None
 
 
-def unsupported(op: str, *, q, k, v, varlen=False, **_) -> str | None:
+def unsupported(op: str, *, q, k, v, varlen=False, alibi=False, softcap=0.0, softmax_scale=1.0,
+                **_) -> str | None:
     reason = device_reason("prefill", {"q": q, "k": k, "v": v}) or config_reason(q, k, v, varlen)
     if reason:
         return reason
-    if path_for(q, k, v) is None:
+    if alibi and softcap > 0 and q.shape[-1] == 256:
+        # The ALiBi bias after the tanh is compiled out of the D = 256 kernel: its registers would spill.
+        return "alibi_slopes with a softcap at head dim 256 (the Triton kernel and the reference take it)"
+    if alibi and softmax_scale == 0:
+        return "alibi_slopes with softmax_scale 0 (the bias joins the raw scores as -slope / softmax_scale)"
+    if path_for(q, k, v, alibi) is None:
         capability, _, archs = _target(q)
         forced = forced_path()
         where = "the emulator (compute capability 8.0)" if emulated(q) else \
             f"compute capability {capability[0]}.{capability[1]}"
         return (f"no CUDA prefill kernel of this build runs on {where}"
-                + (f" with {_PATH_ENV}={forced}" if forced else "") + f" (built for {archs})")
+                + (f" with {_PATH_ENV}={forced}" if forced else "") + (" with alibi_slopes" if alibi else "")
+                + f" (built for {archs})")
     return None
 
 
@@ -189,13 +199,14 @@ def unsupported(op: str, *, q, k, v, varlen=False, **_) -> str | None:
 
 
 def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
-            window_right, softcap):
+            window_right, softcap, alibi_slopes=None):
     """Normalised entry point (see kvkernels.api) -> (out like q, lse fp32).
 
     dense:  q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] -> out [B, Sq, Hq, D], lse [B, Hq, Sq]
     varlen: q [Tq, Hq, D], k/v [Tk, Hkv, D], cu_seqlens_q/k int32 [B + 1] -> out [Tq, Hq, D], lse [Hq, Tq]
     window_left/right: -1 unbounded, causal already folded into window_right. A row that sees no key
-    gets out 0 and lse -inf (natural log).
+    gets out 0 and lse -inf (natural log). alibi_slopes fp32 [B, Hq] (batch stride may be 0) or None:
+    with slopes the call runs on path 80.
     """
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.dim() == 4:
@@ -204,9 +215,9 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
         lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    path = path_for(q, k, v)
+    path = path_for(q, k, v, alibi_slopes is not None)
     if path is None:  # unsupported() said so first when the backend was chosen
         raise RuntimeError("no CUDA prefill kernel of this build runs on this device")
     ops(q.device).prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse, max_seqlen_q, max_seqlen_k,
-                          float(softmax_scale), int(window_left), int(window_right), float(softcap), path)
+                          float(softmax_scale), int(window_left), int(window_right), float(softcap), path, alibi_slopes)
     return out, lse

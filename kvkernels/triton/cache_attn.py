@@ -48,6 +48,7 @@ def _cache_attention_kernel(
     BLOCK_TABLE,  # [B, max_pages] int32 (PAGED only)
     K_SCALE,      # [Hkv] fp32, stride may be 0 (fp8, or HAS_SCALE): key = stored * K_SCALE[h]
     V_SCALE,      # [Hkv] fp32, stride may be 0 (with K_SCALE)
+    ALIBI,        # [B, Hq] fp32 ALiBi slopes, batch stride stride_ab (may be 0) (HAS_ALIBI only)
     OUT,          # final: like Q (q's dtype) | partial: [B, Sq, Hq, splits, D] or [Tq, Hq, splits, D] fp32
     LSE,          # final: [B, Hq, Sq] or [Hq, Tq] fp32 natural log | partial: [B, Sq, Hq, splits] or [Tq, Hq, splits], log2
     stride_qb, stride_qt, stride_qh,          # stride_qb = 0 when RAGGED (tokens are indexed globally)
@@ -55,6 +56,7 @@ def _cache_attention_kernel(
     stride_vb, stride_vs, stride_vh,
     stride_btb, stride_btp,
     stride_ksc, stride_vsc,
+    stride_ab,
     stride_ob, stride_ot, stride_oh, stride_os,
     stride_lb, stride_lt, stride_lh, stride_ls,
     num_kv_heads,        # Hkv
@@ -71,11 +73,12 @@ def _cache_attention_kernel(
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PAGED: tl.constexpr, PAGE_ALIGNED: tl.constexpr, RAGGED: tl.constexpr, CAUSAL: tl.constexpr,
     FP8: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, FINAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FINAL: tl.constexpr, HAS_ALIBI: tl.constexpr = False,
 ):
     """For each row r = (token i, head g) of the tile, over the split's visible positions n, in base 2:
 
         s2[r, n] = log2(e) * score(q[i, g] . k[n] * softmax_scale * k_scale)     (score = softcap or identity)
+                   - log2(e) * slope[g] * |p_i - n|                              (HAS_ALIBI)
         m = max_n s2,  l = sum_n 2^(s2 - m),  out[r] = v_scale * sum_n 2^(s2 - m) v[n] / l,  lse2 = m + log2(l)
 
     computed online tile by tile. Position n is visible to row r iff lo_i <= n < hi_i with
@@ -144,6 +147,9 @@ def _cache_attention_kernel(
     if HAS_SCALE:
         scale = scale * tl.load(K_SCALE + h * stride_ksc)
 
+    if HAS_ALIBI:
+        slope2 = tl.load(ALIBI + b64 * stride_ab + heads, mask=r_mask, other=0.0) * 1.4426950408889634
+
     k_head = K + h * stride_kh
     v_head = V + h * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -187,6 +193,8 @@ def _cache_attention_kernel(
             s = cap_log2 * tl.where(x < 0, -t, t)
         else:
             s = s * scale
+        if HAS_ALIBI:
+            s = s - slope2[:, None] * tl.abs(pos_q[:, None] - pos[None, :]).to(tl.float32)
         seen = valid[None, :] & (pos[None, :] >= row_lo[:, None]) & (pos[None, :] < row_hi[:, None])
         s = tl.where(seen, s, float("-inf"))
 
@@ -277,12 +285,14 @@ def unsupported(op: str, *, q=None, k_cache=None, paged=False, **kw) -> str | No
 
 
 def cache_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q, block_table, causal,
-                    softmax_scale, window_left, softcap, k_scale, v_scale, num_splits, batch_invariant):
-    """Normalised entry point (see kvkernels.api) -> out like q (q.dtype), lse [B, Hq, Sq] or [Hq, Tq] fp32."""
+                    softmax_scale, window_left, softcap, k_scale, v_scale, num_splits, batch_invariant,
+                    alibi_slopes=None):
+    """Normalised entry point (see kvkernels.api) -> out like q (q.dtype), lse [B, Hq, Sq] or [Hq, Tq] fp32.
+    alibi_slopes: fp32 [B, Hq] (batch stride may be 0) or None."""
     target = device_target(q.device)
     out, lse, launches, finish = plan(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q, block_table,
                                       causal, softmax_scale, window_left, softcap, k_scale, v_scale, num_splits,
-                                      batch_invariant, target)
+                                      batch_invariant, target, alibi_slopes)
     with torch.cuda.device(q.device) if target is not None else contextlib.nullcontext():
         for launch in launches:
             launch.run()
@@ -294,7 +304,8 @@ def cache_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen
 
 
 def plan(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q, block_table, causal, softmax_scale,
-         window_left, softcap, k_scale, v_scale, num_splits, batch_invariant, target: Target | None):
+         window_left, softcap, k_scale, v_scale, num_splits, batch_invariant, target: Target | None,
+         alibi_slopes=None):
     """Allocate outputs and workspace and plan the launches (the tile kernel, then the merge when there
     are several splits) for target (None: the interpreter). -> (out, lse, [Launch], finish): finish,
     when not None, runs after the launches (it moves the merged lse into its public layout); out is
@@ -359,12 +370,13 @@ def plan(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q, block_t
         qk_scale, cap_log2 = softmax_scale * LOG2E, 0.0
 
     tile_args = (
-        qk, kk, vk, cache_seqlens, cu_seqlens_q, block_table, k_scale, v_scale, part_out, part_lse,
+        qk, kk, vk, cache_seqlens, cu_seqlens_q, block_table, k_scale, v_scale, alibi_slopes, part_out, part_lse,
         *q_strides,
         kk.stride(0), kk.stride(1), kk.stride(2),
         vk.stride(0), vk.stride(1), vk.stride(2),
         *(block_table.stride() if paged else (0, 0)),
         k_scale.stride(0) if scaled else 0, v_scale.stride(0) if scaled else 0,
+        alibi_slopes.stride(0) if alibi_slopes is not None else 0,
         *o_strides, *l_strides,
         hkv, row_tiles, 0 if ragged else sq, capacity, k_cache.shape[0], split_plan.split_tokens, window_left,
         qk_scale, cap_log2,
@@ -376,6 +388,8 @@ def plan(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q, block_t
         FP8=fp8, HAS_SCALE=scaled, HAS_SOFTCAP=softcap > 0,
         DOT_PRECISION="ieee" if compute_dtype == torch.float32 else "tf32", FINAL=splits == 1,
     )
+    if alibi_slopes is not None:  # only then: kernels without ALiBi keep their specialisation
+        tile_meta["HAS_ALIBI"] = True
     launches = [Launch(_cache_attention_kernel, lambda _: (B * hkv * row_tiles, splits), tile_args, tile_meta,
                        (KernelConfig((), num_warps=cfg.num_warps, num_stages=cfg.num_stages),),
                        name="cache_attention")]

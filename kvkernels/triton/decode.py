@@ -70,6 +70,7 @@ def _decode_split_kernel(
     BLOCK_TABLE,  # [B, max_pages] int32 (paged only)
     K_SCALE,      # [Hkv] fp32, stride may be 0 (fp8, or HAS_SCALE): key = stored * K_SCALE[h]
     V_SCALE,      # [Hkv] fp32, stride may be 0 (with K_SCALE)
+    ALIBI,        # [B, Hq] fp32 ALiBi slopes, batch stride stride_ab (may be 0) (HAS_ALIBI only)
     OUT,          # final [B, Hq, D] (FINAL) | partial [B, Hq, num_splits, D] fp32
     LSE,          # final [B, Hq] fp32, natural log (FINAL) | partial [B, Hq, num_splits] fp32, log2
     stride_qb, stride_qh,
@@ -78,6 +79,7 @@ def _decode_split_kernel(
     stride_sl,
     stride_btb, stride_btp,
     stride_ksc, stride_vsc,
+    stride_ab,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh, stride_ls,
     num_kv_heads,        # Hkv
@@ -93,11 +95,12 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PAGED: tl.constexpr, PAGE_ALIGNED: tl.constexpr,
     FP8: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, USE_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, FINAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FINAL: tl.constexpr, HAS_ALIBI: tl.constexpr = False,
 ):
     """Attention of the group's query heads over the split's tokens, in base 2:
 
         s2[g, n] = log2(e) * score(q[g] . k[n] * softmax_scale * k_scale)     (score = softcap or identity)
+                   - log2(e) * slope[g] * (seqlen - 1 - n)                    (HAS_ALIBI)
         m = max_n s2,  l = sum_n 2^(s2 - m),  out[g] = v_scale * sum_n 2^(s2 - m) v[n] / l
         lse2 = m + log2(l)            (stored as lse2 * ln 2 when FINAL)
 
@@ -137,6 +140,9 @@ def _decode_split_kernel(
     scale = qk_scale
     if HAS_SCALE:
         scale = scale * tl.load(K_SCALE + h * stride_ksc)
+
+    if HAS_ALIBI:
+        slope2 = tl.load(ALIBI + b64 * stride_ab + heads, mask=g_mask, other=0.0) * 1.4426950408889634
 
     k_head = K + h * stride_kh
     v_head = V + h * stride_vh
@@ -186,6 +192,8 @@ def _decode_split_kernel(
             s = cap_log2 * tl.where(x < 0, -t, t)
         else:
             s = s * scale
+        if HAS_ALIBI:
+            s = s - slope2[:, None] * (seqlen - 1 - pos).to(tl.float32)[None, :]
         s = tl.where(valid[None, :], s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -377,11 +385,12 @@ def _interpreted_bf16(x: torch.Tensor | None, target: Target | None) -> torch.Te
 
 
 def decode(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_left, softcap,
-           k_scale, v_scale, num_splits, batch_invariant):
-    """Normalised entry point (see kvkernels.api): -> out [B, Hq, D] q.dtype, lse [B, Hq] fp32."""
+           k_scale, v_scale, num_splits, batch_invariant, alibi_slopes=None):
+    """Normalised entry point (see kvkernels.api): -> out [B, Hq, D] q.dtype, lse [B, Hq] fp32.
+    alibi_slopes: fp32 [B, Hq] (batch stride may be 0) or None."""
     target = device_target(q.device)
     out, lse, launches = plan(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_left, softcap,
-                              k_scale, v_scale, num_splits, batch_invariant, target)
+                              k_scale, v_scale, num_splits, batch_invariant, target, alibi_slopes)
     with torch.cuda.device(q.device) if target is not None else contextlib.nullcontext():
         for launch in launches:
             launch.run()
@@ -391,7 +400,7 @@ def decode(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, windo
 
 
 def plan(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_left, softcap,
-         k_scale, v_scale, num_splits, batch_invariant, target: Target | None):
+         k_scale, v_scale, num_splits, batch_invariant, target: Target | None, alibi_slopes=None):
     """Allocate outputs and workspace and plan the launches (split kernel, then the merge when there
     are several splits) for target (None: the interpreter). -> (out, lse, [Launch]); out is fp32
     when bf16 is interpreted (the caller rounds it back)."""
@@ -437,13 +446,14 @@ def plan(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_
     num_pages = k_cache.shape[0]
 
     split_args = (
-        qk, kk, vk, cache_seqlens, block_table, k_scale, v_scale, part_out, part_lse,
+        qk, kk, vk, cache_seqlens, block_table, k_scale, v_scale, alibi_slopes, part_out, part_lse,
         qk.stride(0), qk.stride(1),
         kk.stride(0), kk.stride(1), kk.stride(2),
         vk.stride(0), vk.stride(1), vk.stride(2),
         cache_seqlens.stride(0),
         *(block_table.stride() if paged else (0, 0)),
         k_scale.stride(0) if scaled else 0, v_scale.stride(0) if scaled else 0,
+        alibi_slopes.stride(0) if alibi_slopes is not None else 0,
         *o_strides, *l_strides,
         hkv, num_chunks, capacity, num_pages, plan_.split_tokens, window_left, qk_scale, cap_log2,
     )
@@ -454,6 +464,8 @@ def plan(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_
         FP8=fp8, HAS_SCALE=scaled, HAS_SOFTCAP=softcap > 0, USE_DOT=cfg.use_dot,
         DOT_PRECISION="ieee" if compute_dtype == torch.float32 else "tf32", FINAL=splits == 1,
     )
+    if alibi_slopes is not None:  # only then: kernels without ALiBi keep their specialisation
+        split_meta["HAS_ALIBI"] = True
     launches = [Launch(_decode_split_kernel, lambda _: (B * hkv * num_chunks, splits), split_args, split_meta,
                        (KernelConfig((), num_warps=cfg.num_warps, num_stages=cfg.num_stages),), name="decode_split")]
     if splits > 1:

@@ -8,6 +8,7 @@ finds its sequence through per-batch offsets (a batch stride when dense, cu_seql
 
 For query row i and key j of one sequence (bottom-right aligned, off = Sk - Sq):
     s_ij  = scale * q_i . k_j                       (softcap > 0: s_ij = softcap * tanh(s_ij / softcap))
+            - slope_h * |i + off - j|               (ALiBi, with alibi_slopes; after the softcap, unscaled)
     seen  : i + off - left <= j <= i + off + right   (causal is right = 0; -1 = unbounded)
     out_i = sum_j softmax_j(s_ij) v_j,  lse_i = log sum_j exp(s_ij)
 computed with the online softmax in base 2 (log2(e) folded into the scale, one exp2 per score).
@@ -52,15 +53,16 @@ def _tanh(x):
 def _attend_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
                   offs_m, offs_n, offs_d, d_mask,
                   start, end, kv_lo, kv_hi, diag_off, window_left, window_right, seqlen_k,
-                  qk_scale, softcap_log2e,
-                  MASKED: tl.constexpr, SOFTCAP: tl.constexpr, POSITIVE_SCALE: tl.constexpr,
+                  qk_scale, softcap_log2e, slope_log2e,
+                  MASKED: tl.constexpr, SOFTCAP: tl.constexpr, POSITIVE_SCALE: tl.constexpr, ALIBI: tl.constexpr,
                   EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """Online softmax over key tiles [start, end) (BLOCK_N apart) of one query block.
 
     acc [BLOCK_M, BLOCK_D] fp32, l_i/m_i [BLOCK_M] fp32 (running sum / max, base 2); q [BLOCK_M, BLOCK_D];
     k_base/v_base point at key 0 of this sequence and KV head. MASKED tiles straddle a band edge or the
     end of the keys: their loads are limited to [kv_lo, kv_hi) and each score is checked against its
-    row's window; unmasked tiles are wholly inside every row's band.
+    row's window; unmasked tiles are wholly inside every row's band. ALIBI: slope_log2e = slope * log2(e)
+    (this program's head), subtracted times the distance from each row's diagonal, in base 2.
     """
     k_ptrs = k_base + offs_n[:, None] * stride_ks + offs_d[None, :]
     v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_d[None, :]
@@ -78,11 +80,14 @@ def _attend_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
             k = tl.load(k_ptrs + k_off, mask=d_mask[None, :], other=0.0)
 
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if MASKED or SOFTCAP or not POSITIVE_SCALE:
+        if MASKED or SOFTCAP or not POSITIVE_SCALE or ALIBI:
             if SOFTCAP:
                 s = _tanh(qk * qk_scale) * softcap_log2e  # qk_scale = scale / softcap here
             else:
                 s = qk * qk_scale  # qk_scale = scale * log2(e)
+            if ALIBI:
+                dist = tl.abs(offs_m[:, None] + diag_off - n[None, :]).to(tl.float32)
+                s = s - slope_log2e * dist
             if MASKED:
                 diag = offs_m[:, None] + diag_off
                 seen = ((n[None, :] >= diag - window_left) & (n[None, :] <= diag + window_right)
@@ -125,11 +130,13 @@ def _prefill_kernel(
     Lse,  # fp32, dense [B, Hq, Sq] / varlen [Hq, Tq]
     CuQ,  # int32 [B + 1] token offsets of the queries (varlen only)
     CuK,  # int32 [B + 1] token offsets of the keys (varlen only)
+    Alibi,  # fp32 [B, Hq] ALiBi slopes, batch stride stride_ab (0: one slope per head) (ALIBI only)
     stride_qb, stride_qs, stride_qh,  # batch stride 0 when varlen; last dim contiguous everywhere
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh,  # lse: batch stride 0 when varlen (rows are token indices)
+    stride_ab,  # alibi_slopes batch stride (head stride 1)
     seqlen_q, seqlen_k,  # dense: Sq, Sk; varlen: Tq, Tk (cu_seqlens are clamped to them)
     group,  # Hq // Hkv
     qk_scale,  # scale * log2(e); with softcap: scale / softcap
@@ -139,7 +146,7 @@ def _prefill_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, POSITIVE_SCALE: tl.constexpr, LONGEST_FIRST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ALIBI: tl.constexpr = False,
 ):
     """out/lse of BLOCK_M query rows of one (sequence, query head); see the module docstring.
 
@@ -209,20 +216,23 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    slope_log2e = 0.0
+    if ALIBI:
+        slope_log2e = tl.load(Alibi + b64 * stride_ab + h) * 1.4426950408889634
 
     # [tile_lo, mid_lo): left-edge tiles; [mid_lo, mid_hi): inside the band; [mid_hi, kv_hi): right edge / tail.
     acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d,
                                   d_mask, tile_lo, mid_lo, kv_lo, kv_hi, diag_off, window_left, window_right, sk,
-                                  qk_scale, softcap_log2e, True, SOFTCAP, POSITIVE_SCALE, EVEN_D, DOT_PRECISION,
-                                  BLOCK_N)
+                                  qk_scale, softcap_log2e, slope_log2e, True, SOFTCAP, POSITIVE_SCALE, ALIBI, EVEN_D,
+                                  DOT_PRECISION, BLOCK_N)
     acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d,
                                   d_mask, mid_lo, mid_hi, kv_lo, kv_hi, diag_off, window_left, window_right, sk,
-                                  qk_scale, softcap_log2e, False, SOFTCAP, POSITIVE_SCALE, EVEN_D, DOT_PRECISION,
-                                  BLOCK_N)
+                                  qk_scale, softcap_log2e, slope_log2e, False, SOFTCAP, POSITIVE_SCALE, ALIBI, EVEN_D,
+                                  DOT_PRECISION, BLOCK_N)
     acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d,
                                   d_mask, mid_hi, kv_hi, kv_lo, kv_hi, diag_off, window_left, window_right, sk,
-                                  qk_scale, softcap_log2e, True, SOFTCAP, POSITIVE_SCALE, EVEN_D, DOT_PRECISION,
-                                  BLOCK_N)
+                                  qk_scale, softcap_log2e, slope_log2e, True, SOFTCAP, POSITIVE_SCALE, ALIBI, EVEN_D,
+                                  DOT_PRECISION, BLOCK_N)
 
     empty = l_i == 0.0  # no key seen: out 0, lse -inf
     l_safe = tl.where(empty, 1.0, l_i)
@@ -353,15 +363,16 @@ def _window_bound(w: int, cover: int) -> int:
 
 
 def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
-            window_right, softcap):
-    """Normalised entry point (kvkernels.api): causal already folded into window_right (0 = causal).
+            window_right, softcap, alibi_slopes=None):
+    """Normalised entry point (kvkernels.api): causal already folded into window_right (0 = causal);
+    alibi_slopes fp32 [B, Hq] (batch stride may be 0) or None.
 
     -> (out like q, lse fp32: dense [B, Hq, Sq], varlen [Hq, Tq]).
     """
     out_dtype = q.dtype
     target = device_target(q.device)
     out, lse, launch = plan(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                            window_left, window_right, softcap, target)
+                            window_left, window_right, softcap, target, alibi_slopes)
     if launch is not None:
         with torch.cuda.device(q.device) if target is not None else contextlib.nullcontext():
             launch.run()
@@ -369,7 +380,7 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
 
 
 def plan(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
-         window_right, softcap, target: Target | None):
+         window_right, softcap, target: Target | None, alibi_slopes=None):
     """Allocate the outputs and plan the kernel launch for target (None: the interpreter).
 
     -> (out, lse, Launch or None when there is nothing to compute). out is fp32 when bf16 is
@@ -424,12 +435,16 @@ def plan(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softma
         qk_scale, softcap_log2e = softmax_scale * LOG2E, 0.0
     block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs K >= 16
     banded = int(window_left >= 0 or window_right >= 0)
-    args = (q, k, v, out, lse, cu_q, cu_k, *q_strides, *k_strides, *v_strides, *o_strides, *l_strides,
+    alibi = alibi_slopes is not None
+    args = (q, k, v, out, lse, cu_q, cu_k, alibi_slopes if alibi else lse,
+            *q_strides, *k_strides, *v_strides, *o_strides, *l_strides, alibi_slopes.stride(0) if alibi else 0,
             sq_arg, sk_arg, hq // hkv, qk_scale, softcap_log2e, left, right,
             _seq_bucket(grid_sq), _seq_bucket(grid_sk), banded)
     meta = dict(HEAD_DIM=d, BLOCK_D=block_d, IS_VARLEN=varlen, SOFTCAP=softcap > 0,
                 POSITIVE_SCALE=softmax_scale > 0, LONGEST_FIRST=window_right >= 0,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    if alibi:  # only then: the kernels without ALiBi keep their specialisation (and AOT signature)
+        meta["ALIBI"] = True
 
     if target is None:
         configs = (KernelConfig(tuple(_INTERPRET_CONFIG.items())),)

@@ -1,0 +1,108 @@
+"""The emulator's sm_90a synchronisation and TMA (csrc/emu/sm90.cpp, tma.cpp) behave as the PTX ISA
+and the CUDA driver say: mbarrier phases and transaction counts, the hang report naming the
+barrier, named barriers, elect.sync and setmaxnreg (tests/emu/sm90_sync_check.cpp); the tensor-map
+encoder's argument rules and the swizzled, zero-filled, asynchronously completed box of
+cp.async.bulk.tensor (tests/emu/sm90_tma_check.cpp). Both are host programs built with g++; an
+emulator with one of those rules broken fails its check."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+import emu_variant
+
+ROOT = emu_variant.ROOT
+EMU_SOURCES = ("runtime.cpp", "sm90.cpp", "tma.cpp")
+PROGRAMS = {"sync": ("sm90_sync_check.cpp", "all sm90 synchronisation checks pass"),
+            "tma": ("sm90_tma_check.cpp", "all TMA checks pass")}
+
+pytestmark = [pytest.mark.emu, pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")]
+
+
+def _compile(source: str, obj: str):
+    cuda = emu_variant.cuda_include()
+    cmd = ["g++", "-std=c++17", "-O1", "-DKVK_EMULATE", f"-I{os.path.join(ROOT, 'csrc')}", f"-I{cuda}", "-c", source, "-o", obj]
+    build = subprocess.run(cmd, capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-3000:]
+    return obj
+
+
+@pytest.fixture(scope="module")
+def objects(tmp_path_factory):
+    """The unpatched emulator sources and both check programs, compiled once ({name: object file})."""
+    try:
+        emu_variant.cuda_include()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    out = tmp_path_factory.mktemp("sm90_objects")
+    objs = {f: _compile(os.path.join(ROOT, "csrc", "emu", f), str(out / (f + ".o"))) for f in EMU_SOURCES}
+    for program, (source, _) in PROGRAMS.items():
+        objs[program] = _compile(os.path.join(ROOT, "tests", "emu", source), str(out / (program + ".o")))
+    return objs
+
+
+def link_and_run(tmp_path, objs: dict, program: str):
+    exe = str(tmp_path / program)
+    link = subprocess.run(["g++", objs[program], *[objs[f] for f in EMU_SOURCES], "-o", exe],
+                          capture_output=True, text=True)
+    assert link.returncode == 0, link.stderr[-3000:]
+    return subprocess.run([exe], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("program", list(PROGRAMS))
+def test_emulated_sm90_instructions_follow_the_ptx_isa(tmp_path, objects, program):
+    result = link_and_run(tmp_path, objects, program)
+    assert result.returncode == 0, result.stdout
+    assert PROGRAMS[program][1] in result.stdout
+
+
+# Each breaks one rule of the emulator (file, text, replacement, the check that must notice).
+MUTATIONS = {
+    # try_wait/test_wait on the wrong parity: a fresh barrier's wait on parity 0 would pass.
+    "parity_inverted": ("sm90.cpp", "return (m.phase & 1u) != (parity & 1u);",
+                        "return (m.phase & 1u) == (parity & 1u);", "sync"),
+    # A phase completing on its arrivals alone, with transaction bytes still pending.
+    "tx_count_ignored": ("sm90.cpp", "if (m.pending != 0 || m.tx != 0) return;", "if (m.pending != 0) return;",
+                         "sync"),
+    # arrive.expect_tx counting 16 bytes too few.
+    "expect_tx_off_by_16": ("sm90.cpp", "add_tx(m, bytes, what, bar);  // the expect_tx",
+                            "add_tx(m, bytes - 16, what, bar);  //", "sync"),
+    # A named barrier releasing one thread early.
+    "named_barrier_early": ("sm90.cpp", "if (++n.arrived < n.count) return false;",
+                            "if (++n.arrived < n.count - 1) return false;", "sync"),
+    # setmaxnreg.inc not waiting for register-file room.
+    "setmaxnreg_no_room_check": ("sm90.cpp", "while (inc && total() - 128L * wg.regs + 128L * regs > 65536) {",
+                                 "while (false) {", "sync"),
+    # The 128-byte swizzle XORing the wrong row bits.
+    "swizzle_128b_wrong_bits": ("tma.cpp", "case 128: return a ^ (((a >> 7) & 7u) << 4);",
+                                "case 128: return a ^ (((a >> 8) & 7u) << 4);", "tma"),
+    # Out-of-range rows read from memory instead of zeros (clamped to the last row).
+    "oob_not_zero_filled": ("tma.cpp", "if (x < 0 || static_cast<uint64_t>(x) >= m.dims[d]) inside = false;",
+                            "if (x < 0) inside = false;", "tma"),
+    # The copy landing at its issue instead of at a later scheduling point.
+    "tma_lands_at_issue": ("tma.cpp", "  emu::g_copies.push_back(std::move(c));\n",
+                           "  emu::g_copies.push_back(std::move(c));\n  emu::land_async_copies();\n", "tma"),
+    # 16 bytes fewer completed than the box holds.
+    "complete_tx_short": ("tma.cpp", "mbarrier_complete_tx(c.bar, static_cast<uint32_t>(c.bytes.size()));",
+                          "mbarrier_complete_tx(c.bar, static_cast<uint32_t>(c.bytes.size() - 16));", "tma"),
+    # The encoder accepting strides that are not multiples of 16 bytes.
+    "stride_rule_dropped": ("tma.cpp", "if (s % 16) return reject", "if (false) return reject", "tma"),
+}
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_a_broken_rule_fails_the_check(tmp_path, objects, mutation):
+    path, text, replacement, program = MUTATIONS[mutation]
+    source = open(os.path.join(ROOT, "csrc", "emu", path)).read()
+    assert source.count(text) == 1, text
+    patched = tmp_path / path
+    patched.write_text(source.replace(text, replacement))
+    # Only the patched file is recompiled (its headers are the unpatched ones).
+    objs = dict(objects, **{path: _compile(str(patched), str(tmp_path / (path + ".o")))})
+    result = link_and_run(tmp_path, objs, program)
+    assert result.returncode != 0, f"{mutation}: the broken emulator passed\n{result.stdout}"
+    assert "FAIL" in result.stdout, result.stdout
