@@ -74,17 +74,17 @@ cudaError_t cudaGetDevice(int* device) {
 // The emulator is one device, whatever the index: the glue asks with a CPU tensor's (-1).
 cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int /*device*/) {
   switch (attr) {
-    case cudaDevAttrComputeCapabilityMajor: *value = 8; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *value = kvk::emu::emulated_arch() / 10; return cudaSuccess;
     case cudaDevAttrComputeCapabilityMinor: *value = 0; return cudaSuccess;
-    case cudaDevAttrMultiProcessorCount: *value = 108; return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = kvk::emu::kMaxDynamicSmemSm80; return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount: *value = kvk::emu::emulated_arch() == 90 ? 132 : 108; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = kvk::emu::emulated_smem_optin(); return cudaSuccess;
     default: return cudaErrorNotSupported;
   }
 }
 
 cudaError_t cudaFuncSetAttribute(const void* func, enum cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorNotSupported;
-  if (value < 0 || value > kvk::emu::kMaxDynamicSmemSm80) return cudaErrorInvalidValue;
+  if (value < 0 || value > kvk::emu::emulated_smem_optin()) return cudaErrorInvalidValue;
   kvk::emu::set_max_dynamic_smem(func, value);
   return cudaSuccess;
 }

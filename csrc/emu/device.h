@@ -205,7 +205,6 @@ namespace emu {
 
 void set_last_error(cudaError_t err, const char* message);
 std::string kernel_name(const void* kernel, const char* expr);
-constexpr int kMaxDynamicSmemSm80 = 166912;  // bytes, the opt-in limit of one block on sm_80
 
 template <typename... Params>
 struct KernelLaunch {
@@ -218,7 +217,7 @@ struct KernelLaunch {
   void operator()(Args&&... args) const {
     const void* k = reinterpret_cast<const void*>(kernel);
     const std::string name = kernel_name(k, expr);
-    if (smem > static_cast<size_t>(max_dynamic_smem(k)) || smem > static_cast<size_t>(kMaxDynamicSmemSm80)) {
+    if (smem > static_cast<size_t>(max_dynamic_smem(k)) || smem > static_cast<size_t>(emulated_smem_optin())) {
       set_last_error(cudaErrorInvalidValue, "dynamic shared memory above the kernel's limit");
       return;
     }

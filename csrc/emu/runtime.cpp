@@ -245,6 +245,18 @@ namespace {
 [[maybe_unused]] void report_race(const char* message) { fail("%s", message); }
 }  // namespace
 
+namespace {
+thread_local int g_arch = 80;
+}  // namespace
+
+int emulated_arch() { return g_arch; }
+int emulated_smem_optin() { return g_arch == 90 ? kMaxDynamicSmemSm90 : kMaxDynamicSmemSm80; }
+EmulatedArch::EmulatedArch(int arch) : saved(g_arch) {
+  if (arch != 80 && arch != 90) throw std::logic_error("kvkernels emulator: the emulated arch is 80 or 90");
+  g_arch = arch;
+}
+EmulatedArch::~EmulatedArch() { g_arch = saved; }
+
 void set_max_dynamic_smem(const void* kernel, int bytes) {
   std::lock_guard<std::mutex> lock(g_attr_mutex);
   g_max_smem[kernel] = bytes;

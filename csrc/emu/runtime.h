@@ -46,6 +46,25 @@ struct AsyncCopy {  // one cp.async in flight: lands at the wait that covers its
   int group;               // index of the commit group it belongs to
 };
 
+// One wgmma.mma_async of a thread in flight (emu/wgmma.cpp): its part of the warpgroup's operation.
+struct WgmmaOp {
+  // The instruction, the same for every lane of the warp (checked).
+  int n = 0;                  // N of m64nNk16
+  bool bf16 = false;
+  bool a_in_regs = false;     // A from registers (rs) or through desc_a (ss)
+  uint64_t desc_a = 0, desc_b = 0;
+  bool scale_d = false;       // D = A B + D (true) or D = A B
+  int scale_a = 1, scale_b = 1;
+  bool trans_a = false, trans_b = false;
+  // This lane's part.
+  int group = 0;              // the commit group: the thread's committed count at issue
+  float* d = nullptr;         // its n / 2 accumulator registers (poison until the wait covering it)
+  bool chained = false;       // d was already the target of an op in flight: C is that op's result
+  std::vector<float> c;       // C at issue (unchained ops with scale_d)
+  uint32_t a[4] = {0, 0, 0, 0};       // A registers at issue (rs)
+  const uint32_t* a_regs = nullptr;   // where they live: they must not change before the wait
+};
+
 struct Thread {
   uint3 idx;
   int linear = 0, warp = 0, lane = 0;
@@ -55,6 +74,10 @@ struct Thread {
   uint32_t out[kCollectiveOutWords];
   std::vector<AsyncCopy> async;   // cp.async issued, not yet waited for
   int committed = 0;              // cp.async groups committed
+  std::vector<WgmmaOp> wgmma;     // wgmma.mma_async issued, not yet completed by a wait_group
+  int wgmma_committed = 0;        // wgmma groups committed
+  int wgmma_issued = 0;           // wgmma.mma_async issued in all
+  bool wgmma_fenced = false;      // a wgmma.fence since the last wait_group (registers may be touched)
 };
 
 struct Warp {
@@ -101,6 +124,7 @@ struct Block {
   std::map<uint32_t, MBarrier> mbarriers;  // by shared address
   NamedBarrier named[16];
   std::vector<Warpgroup> warpgroups;
+  std::vector<int> wgmma_waiters;  // threads whose wait_group waits for the rest of their warpgroup to issue
 };
 
 struct Launch {
@@ -135,6 +159,23 @@ const uint32_t* warp_collective(const char* name, CollectiveFn fn, uint32_t mask
 // or not `align`-aligned.
 unsigned char* shared_ptr(uint32_t addr, size_t bytes, size_t align, const char* what);
 uint32_t shared_addr(const void* ptr, const char* what);
+
+// The device the emulator plays for the running OS thread: compute capability 8.0 (an A100, 163 KB
+// of dynamic shared memory per block), or 9.0 with sm_90a's instructions (an H100, 227 KB) inside
+// an EmulatedArch(90) scope, which the prefill's torch glue opens for its path 90. An H100 runs the
+// sm_80 kernels too, so every kernel may launch inside the scope; outside it an sm_90a instruction
+// still works (the emulator has no per-arch instruction sets) but the sm_90a limits do not apply.
+constexpr int kMaxDynamicSmemSm80 = 166912;  // bytes, the opt-in limit of one block on sm_80
+constexpr int kMaxDynamicSmemSm90 = 232448;  // on sm_90 (227 KB)
+int emulated_arch();      // 80 or 90
+int emulated_smem_optin();  // bytes of dynamic shared memory one block may opt in to
+struct EmulatedArch {
+  explicit EmulatedArch(int arch);
+  ~EmulatedArch();
+  EmulatedArch(const EmulatedArch&) = delete;
+  EmulatedArch& operator=(const EmulatedArch&) = delete;
+  int saved;
+};
 
 // cudaFuncSetAttribute(MaxDynamicSharedMemorySize) per kernel, checked at launch like the hardware.
 void set_max_dynamic_smem(const void* kernel, int bytes);

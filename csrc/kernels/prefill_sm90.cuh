@@ -1,7 +1,8 @@
 // Flash-attention forward for sm_90a (H100/H200): wgmma tensor cores, TMA loads into 128-byte
 // swizzled shared memory, mbarrier pipelines, warp specialisation with register reallocation.
 // CUDA headers only. The kernel body exists only when compiling for sm_90a
-// (__CUDA_ARCH_FEAT_SM90_ALL); in the sm_80 cubin it is a trap that the host never launches.
+// (__CUDA_ARCH_FEAT_SM90_ALL) and for the CPU emulator (KVK_EMULATE); in the sm_80 cubin it is a
+// trap that the host never launches.
 //
 // Block = 3 warpgroups (384 threads) for kBlockM = 128 query rows of one (sequence, head):
 //   warpgroup 0, producer: gives registers back (setmaxnreg 24); one thread issues the TMA loads
@@ -23,6 +24,7 @@
 #include <cuda.h>  // CUtensorMap (type only; the driver is reached through cudaGetDriverEntryPointByVersion)
 #include <cuda_runtime.h>
 
+#include "common/launch.cuh"
 #include "common/ptx.cuh"
 #include "common/vec.cuh"
 #include "kernels/prefill_common.cuh"
@@ -59,7 +61,7 @@ template <typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     kvk_prefill_sm90_kernel(const __grid_constant__ CUtensorMap tmap_q, const __grid_constant__ CUtensorMap tmap_k,
                             const __grid_constant__ CUtensorMap tmap_v, const PrefillParams p) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(KVK_EMULATE)
   using namespace sm90;
   using T = typename Cfg::T;
   constexpr int D = Cfg::kHeadDim;
@@ -70,7 +72,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   constexpr int kSRegs = BN / 2;  // S accumulator registers per consumer thread
   constexpr int kORegs = D / 2;   // O accumulator registers per consumer thread
 
-  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_smem();
   // Tiles on 1024-byte boundaries (the 128-byte swizzle atom); kSmemBytes reserves the slack.
   unsigned char* smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
   T* sQ = reinterpret_cast<T*>(smem);                                          // [kPanels][BM][64]
@@ -337,7 +339,7 @@ cudaError_t launch_sm90(const PrefillParams& p, cudaStream_t stream) {
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid((p.seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM, p.num_heads, p.batch);
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(tq, tk, tv, p);
+  KVK_LAUNCH(grid, Cfg::kThreads, Cfg::kSmemBytes, stream, kernel)(tq, tk, tv, p);
   return cudaGetLastError();
 }
 

@@ -36,6 +36,14 @@ __device__ __forceinline__ uint64_t smem_desc(const void* smem, uint32_t leading
          (static_cast<uint64_t>((stride_bytes >> 4) & 0x3FFFu) << 32) | (1ull << 62);
 }
 
+#if defined(KVK_EMULATE)
+}  // namespace sm90
+}  // namespace prefill
+}  // namespace kvk
+// The CPU emulator's definitions of everything below: the same names and signatures.
+#include "emu/sm90_ops.h"
+#else
+
 // ------------------------------------------------------------------------------ wgmma sync
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -361,3 +369,4 @@ struct Wgmma<__nv_bfloat16, 256> {
 }  // namespace sm90
 }  // namespace prefill
 }  // namespace kvk
+#endif  // KVK_EMULATE

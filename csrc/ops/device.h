@@ -12,6 +12,8 @@
 
 #if defined(KVK_EMULATE)
 
+#include "emu/runtime.h"
+
 #define KVK_OPS_NAMESPACE kvkernels_emu  // TORCH_LIBRARY namespace of the ops
 #define KVK_OPS_DISPATCH CPU             // dispatch key of their implementations
 
@@ -25,6 +27,16 @@ class OpsLaunchContext {
  public:
   explicit OpsLaunchContext(const at::Tensor&) {}
   cudaStream_t stream() const { return nullptr; }
+};
+
+// The device an op's kernel needs, by compute capability (80 or 90): the emulator plays an sm_80
+// device, or an sm_90a one (its limits and its answers to cudaDeviceGetAttribute) inside this scope.
+class OpsArchScope {
+ public:
+  explicit OpsArchScope(int arch) : scope_(arch) {}
+
+ private:
+  emu::EmulatedArch scope_;
 };
 
 }  // namespace kvk
@@ -50,6 +62,12 @@ class OpsLaunchContext {
 
  private:
   c10::cuda::CUDAGuard guard_;
+};
+
+// On a GPU the device is what it is (the op checks its compute capability).
+class OpsArchScope {
+ public:
+  explicit OpsArchScope(int) {}
 };
 
 }  // namespace kvk

@@ -157,6 +157,7 @@ void prefill_op(const Tensor& q, const Tensor& k, const Tensor& v, const std::op
 
   TORCH_CHECK(path == prefill::kPathSm80 || path == prefill::kPathSm90, "prefill: path must be 80 or 90, got ",
               path);
+  const OpsArchScope arch(path == prefill::kPathSm90 ? 90 : 80);  // the emulator plays that device
   const int major = device_major(q);
   TORCH_CHECK(major >= 8, "prefill: the CUDA kernels need compute capability 8.0 or newer, got ", major, ".x");
   if (path == prefill::kPathSm90) {

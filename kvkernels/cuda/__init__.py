@@ -16,8 +16,11 @@ import torch
 # Where the kernels run: CUDA tensors on the GPU (kvkernels._C, ops torch.ops.kvkernels_C), CPU
 # tensors in the CUDA emulator (kvkernels._emu, ops torch.ops.kvkernels_emu: the same kernel source
 # built as host C++, csrc/emu/), just as backend="triton" on CPU tensors runs the Triton interpreter.
-EMULATOR_CAPABILITY = (8, 0)  # the instructions csrc/emu/ emulates (sm_80)
+EMULATOR_CAPABILITY = (8, 0)  # the device csrc/emu/ plays by default (an A100)
 EMULATOR_SMEM_OPTIN = 166912  # sm_80's per-block shared memory limit, enforced by the emulator
+# ... and the one it plays for the prefill's path 90 (an H100: sm_90a's wgmma, TMA, mbarriers).
+EMULATOR_SM90_CAPABILITY = (9, 0)
+EMULATOR_SM90_SMEM_OPTIN = 232448
 EMULATOR_SM_COUNT = 108       # an A100's, for the split planner
 
 

@@ -7,7 +7,7 @@ Two kernels, one chosen per call by the device's compute capability (`select_pat
            (sm_80/86/87/89 from the sm_80 cubin), and H100 when path 90 cannot take the call:
            calls with alibi_slopes (ALiBi is in the path-80 kernel only) or tensors TMA cannot take.
 KVKERNELS_PREFILL_PATH=80 or 90 forces one (e.g. to test or time the sm80 kernel on an H100);
-auto otherwise.
+auto otherwise. The emulator (CPU tensors) runs path 80 unless forced to 90.
 
 What the kernels take (anything else gets a reason from `unsupported`, and auto selection gives
 the call to Triton): float16/bfloat16; head dims 64, 128, 256; any GQA group; dense or varlen;
@@ -26,8 +26,8 @@ import os
 
 import torch
 
-from . import (EMULATOR_CAPABILITY, EMULATOR_SMEM_OPTIN, _load, arch_list, device_reason, emulated,
-               layout_reason, ops)
+from . import (EMULATOR_CAPABILITY, EMULATOR_SM90_CAPABILITY, EMULATOR_SM90_SMEM_OPTIN, EMULATOR_SMEM_OPTIN, _load,
+               arch_list, device_reason, emulated, layout_reason, ops)
 
 HEAD_DIMS = (64, 128, 256)
 PATH_SM80 = 80
@@ -129,8 +129,11 @@ def plan(path: int, head_dim: int, batch: int, num_heads: int, max_seqlen_q: int
 
 def _target(q: torch.Tensor) -> tuple[tuple[int, int], int, str]:
     """(compute capability, per-block shared memory limit, archs with code) where q's kernels run:
-    its GPU and this build's cubins, or the emulator (sm_80, whose instructions it emulates)."""
+    its GPU and this build's cubins, or the emulator: an sm_80 device, or an sm_90a one (which runs
+    both kernels) when KVKERNELS_PREFILL_PATH=90 asks for the wgmma kernel."""
     if emulated(q):
+        if forced_path() == PATH_SM90:
+            return EMULATOR_SM90_CAPABILITY, EMULATOR_SM90_SMEM_OPTIN, "8.0;9.0a"
         return EMULATOR_CAPABILITY, EMULATOR_SMEM_OPTIN, "8.0"
     capability, optin = _device(q.device.index if q.device.index is not None else torch.cuda.current_device())
     return capability, optin, arch_list()
@@ -187,8 +190,8 @@ def unsupported(op: str, *, q, k, v, varlen=False, alibi=False, softcap=0.0, sof
     if path_for(q, k, v, alibi) is None:
         capability, _, archs = _target(q)
         forced = forced_path()
-        where = "the emulator (compute capability 8.0)" if emulated(q) else \
-            f"compute capability {capability[0]}.{capability[1]}"
+        where = (f"the emulator (compute capability {capability[0]}.{capability[1]})" if emulated(q) else
+                 f"compute capability {capability[0]}.{capability[1]}")
         return (f"no CUDA prefill kernel of this build runs on {where}"
                 + (f" with {_PATH_ENV}={forced}" if forced else "") + (" with alibi_slopes" if alibi else "")
                 + f" (built for {archs})")
