@@ -43,6 +43,9 @@ inline void tma_load_4d(void* smem, const void* tensor_map, uint64_t* bar, int c
   tma_load(smem_u32(smem), tensor_map, smem_u32(bar), coords, 4);
 }
 
+inline void named_barrier_sync(int id, int count) { ::kvk::named_barrier_sync(id, count); }
+inline void fence_proxy_async() { ::kvk::fence_proxy_async(); }
+
 template <int N>
 inline void setmaxnreg_inc() {
   setmaxnreg(true, N);

@@ -45,6 +45,8 @@ struct Sm90Config : Sm90Shape<D> {
   static constexpr bool kEarlyRescale = D <= 128;
 };
 
+constexpr int kConsumerBarrier = 1;  // named barrier of the consumer warpgroups (0 is __syncthreads)
+
 // Byte offset of element (row, col) in a shared tile stored as 64-column panels of `rows` rows,
 // 128-byte swizzled (the layout TMA writes with CU_TENSOR_MAP_SWIZZLE_128B).
 template <int ROWS>
@@ -186,6 +188,24 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       }
       wgmma_commit();
     };
+    // A boundary tile's V rows outside the keys the block sees, [key_lo, key_hi) (rows before the
+    // window's start, rows past the sequence's end: the next sequence's or padding), are zeroed
+    // before P V reads them: P is 0 there, but 0 * NaN is not 0. TMA loads whole tiles and zero-fills
+    // only past the whole tensor. Both consumer warpgroups read the stage: they share the stores
+    // and meet at a named barrier (the condition is uniform over the block).
+    int key_lo, key_hi;
+    mask.key_range(m_start, m_last, &key_lo, &key_hi);
+    const auto clean_v = [&](int it, int stage) {
+      const int n0 = (tile_begin + it) * BN;
+      if (n0 >= key_lo && n0 + BN <= key_hi) return;
+      unsigned char* tile = reinterpret_cast<unsigned char*>(sV + stage * kPanels * BN * 64);
+      for (int c = tid - 128; c < kPanels * BN * 8; c += Cfg::kConsumerWarps * 32) {  // 16-byte chunks
+        const int key = n0 + (c / 8) % BN;  // a row's 8 chunks are its 128 bytes, whatever the swizzle
+        if (key < key_lo || key >= key_hi) *reinterpret_cast<uint4*>(tile + c * 16) = make_uint4(0u, 0u, 0u, 0u);
+      }
+      fence_proxy_async();  // the stores before wgmma's async-proxy reads
+      named_barrier_sync(kConsumerBarrier, Cfg::kConsumerWarps * 32);
+    };
     const auto release = [&](uint64_t* bar) {
       __syncwarp();
       if (lane == 0) mbar_arrive(bar);
@@ -231,6 +251,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       issue_qk(stage);                                   // S_it = Q K_it^T
       if constexpr (Cfg::kEarlyRescale) scale_o();
       mbar_wait(&v_full[prev], ((it - 1) / kStages) & 1);
+      clean_v(it - 1, prev);
       issue_pv(prev);                                    // O += P_{it-1} V_{it-1}, runs under the softmax
       wgmma_wait<1>();                                   // S_it done (groups complete in order)
       fence_regs(s);
@@ -245,6 +266,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     const int last = (n_tiles - 1) % kStages;
     if constexpr (Cfg::kEarlyRescale) scale_o();
     mbar_wait(&v_full[last], ((n_tiles - 1) / kStages) & 1);
+    clean_v(n_tiles - 1, last);
     issue_pv(last);                                      // O += P_last V_last
     wgmma_wait<0>();
     fence_regs(o);

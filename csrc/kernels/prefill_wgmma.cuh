@@ -106,6 +106,14 @@ __device__ __forceinline__ void tma_load_4d(void* smem, const void* tensor_map, 
       : "memory");
 }
 
+// bar.sync on a named barrier (ids 1 .. 15; 0 is __syncthreads) with `count` threads, a multiple of 32.
+__device__ __forceinline__ void named_barrier_sync(int id, int count) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
+// Orders this thread's generic shared-memory writes before later async-proxy accesses (wgmma, TMA).
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
 template <int N>
 __device__ __forceinline__ void setmaxnreg_inc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
