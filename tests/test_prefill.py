@@ -19,10 +19,21 @@ import kvkernels
 from kvkernels.triton import INTERPRET
 from conftest import assert_lse_close, assert_parity, kernel_backends, randn, reference, run_or_skip, seeded
 
-BACKENDS = [pytest.param("reference", "cpu", id="reference-cpu"), *kernel_backends()]
+# The emulator runs the sm_80 kernel by default; "cuda-emu-sm90" runs the same cases on the sm_90a
+# wgmma/TMA kernel (KVKERNELS_PREFILL_PATH=90, set by the fixture below).
+SM90_EMU = [pytest.param("cuda", "cpu", id="cuda-emu-sm90", marks=p.marks)
+            for p in kernel_backends() if p.id == "cuda-emu"]
+BACKENDS = [pytest.param("reference", "cpu", id="reference-cpu"), *kernel_backends(), *SM90_EMU]
 TRITON = [p for p in kernel_backends() if p.values[0] == "triton"]
 GPU = [p for p in kernel_backends() if p.values[1] == "cuda"]
 DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
+
+
+@pytest.fixture(autouse=True)
+def _sm90_emulated(request, monkeypatch):
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and "cuda-emu-sm90" in callspec.id:
+        monkeypatch.setenv("KVKERNELS_PREFILL_PATH", "90")
 
 
 def _qkv(b, sq, sk, hq, hkv, d, dtype, *, seed=0, scale=1.0):
@@ -215,11 +226,12 @@ def test_deterministic(backend, device, dtype):
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
-@pytest.mark.parametrize("backend,device", TRITON)
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] != "reference"])
 @pytest.mark.parametrize("causal,window", [(True, (20, -1)), (False, (8, -1))])
-def test_triton_never_reads_keys_outside_the_band(backend, device, causal, window):
+def test_keys_outside_the_band_never_reach_the_output(backend, device, causal, window):
     # Keys no query of the call can see are NaN. A kernel that loaded them and only masked the scores
-    # would multiply probability 0 by NaN values; skipped tiles and masked edge loads never read them.
+    # would multiply probability 0 by NaN values (a whole tile loaded from before the window's start);
+    # skipped tiles, masked edge loads and zeroed edge rows never let them in.
     sq, sk = 17, 113
     q, k, v = _qkv(1, sq, sk, 2, 1, 64, torch.float16, seed=12)
     first_seen = sk - sq - window[0]
@@ -231,6 +243,26 @@ def test_triton_never_reads_keys_outside_the_band(backend, device, causal, windo
     ref_lp, _ = reference.prefill_attention(q, k, v, causal=causal, window_size=window, upcast=False)
     assert_parity(out, ref, ref_lp)
     assert_lse_close(lse, ref_lse)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] != "reference"])
+def test_varlen_never_reads_the_next_sequence_or_the_padding(backend, device):
+    # Sequence 1's keys are NaN, and so is the memory past the last key (k and v are views of longer
+    # buffers whose 16 rows past cu_seqlens_k[-1] are NaN). Sequence 0 ends mid-tile (its last key
+    # tile runs into sequence 1) and sequence 2's tile runs past the end: their outputs stay exact.
+    lens = [70, 50, 3]
+    q, k, v, cu_q, cu_k = _varlen_qkv(lens, lens, 2, 1, 64, torch.float16, seed=13)
+    nan_rows = torch.full((16, *k.shape[1:]), float("nan"), dtype=k.dtype)
+    k_bad, v_bad = torch.cat([k, nan_rows])[:len(k)], torch.cat([v, nan_rows])[:len(v)]
+    k_bad[70:120] = float("nan")
+    v_bad[70:120] = float("nan")
+    kw = dict(causal=False, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    out, lse = _run(backend, device, q, k_bad, v_bad, max_seqlen_q=70, max_seqlen_k=70, **kw)
+    ref, ref_lse = reference.prefill_attention(q, k, v, **kw)
+    ref_lp, _ = reference.prefill_attention(q, k, v, upcast=False, **kw)
+    for s, e in ((0, 70), (120, 123)):
+        assert_parity(out[s:e], ref[s:e], ref_lp[s:e])
+        assert_lse_close(lse[:, s:e], ref_lse[:, s:e])
 
 
 @pytest.mark.skipif(not INTERPRET, reason="counts tile visits through the Triton interpreter")
