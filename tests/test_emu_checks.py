@@ -127,3 +127,40 @@ def test_sanitized_cache_attention_kernels_run_clean():
     with emu_variant.variant("sanitized", sanitize=True) as library:
         result = emu_variant.run_tests(library, CACHE_PARITY, sanitize=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+
+# ---------------------------------------------------------------------- the sm_90a prefill kernel
+
+SM90 = "csrc/kernels/prefill_sm90.cuh"
+WGMMA = "csrc/kernels/prefill_wgmma.cuh"
+# The wgmma/TMA kernel in the emulator (KVKERNELS_PREFILL_PATH=90 through the cuda-emu-sm90 cases):
+# five key tiles through two stages, a window, varlen with NaN neighbours.
+SM90_PARITY = ["tests/test_prefill.py", "-k",
+               "cuda-emu-sm90 and (test_many_key_tiles and 64 or test_keys_outside_the_band"
+               " or test_varlen_never_reads)"]
+
+SM90_MUTATIONS = {
+    # the producer expects 16 bytes more than its TMA boxes bring: the stage never completes
+    "expect_tx_off_by_16": {SM90: ("mbar_arrive_expect_tx(&k_full[stage], Cfg::kKVBytes);",
+                                   "mbar_arrive_expect_tx(&k_full[stage], Cfg::kKVBytes + 16);")},
+    # consumers wait on the wrong phase of a K stage: they read it before (or long after) it is filled
+    "k_full_parity_flipped": {SM90: ("mbar_wait(&k_full[stage], (it / kStages) & 1);",
+                                     "mbar_wait(&k_full[stage], ((it / kStages) & 1) ^ 1);")},
+    # the softmax reads S = Q K^T while its wgmma is still in flight
+    "wgmma_wait_dropped": {SM90: ("      wgmma_wait<1>();", "      ;")},
+    # the descriptors say 64-byte swizzle, TMA writes 128-byte swizzle
+    "descriptor_swizzle_64B": {WGMMA: ("(1ull << 62)", "(2ull << 62)")},
+    # a boundary tile's V rows outside the block's keys are left as loaded (NaN neighbours leak)
+    "edge_v_rows_not_zeroed": {SM90: ("if (key < key_lo || key >= key_hi)", "if (false)")},
+}
+
+
+@pytest.mark.parametrize("mutation", list(SM90_MUTATIONS))
+def test_broken_sm90_prefill_fails_the_parity_tests(mutation):
+    with emu_variant.variant("mutant", _rel(SM90_MUTATIONS[mutation])) as library:
+        result = emu_variant.run_tests(library, SM90_PARITY)
+    assert result.returncode != 0, f"{mutation}: the broken kernel passed\n{result.stdout[-3000:]}"
+    assert "FAILED" in result.stdout, result.stdout[-3000:]
+    if mutation == "expect_tx_off_by_16":
+        assert "hang (a barrier some threads never reach)" in result.stdout, result.stdout[-3000:]
+        assert "mbarrier" in result.stdout, result.stdout[-3000:]

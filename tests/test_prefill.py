@@ -88,6 +88,16 @@ def test_dense_parity(backend, device, dtype, causal, sq, sk, d):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("d", [64, 256])
+def test_many_key_tiles(backend, device, causal, d):
+    # The keys span several tiles and every pipeline stage several times over (the kernels' key
+    # tiles are at most 128 rows, their pipelines a few stages deep); two query row blocks.
+    q, k, v = _qkv(1, 130, 300, 1, 1, d, torch.float16, seed=14)
+    _check(backend, device, q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("hq,hkv", [(2, 2), (8, 2)], ids=["mha", "gqa4"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_gqa_reads_shared_kv_head(backend, device, hq, hkv, causal):
