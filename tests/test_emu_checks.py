@@ -72,7 +72,8 @@ def test_sanitizer_catches_a_shared_memory_index_one_past_the_end():
 
 # ------------------------------------------------------------------------------ race checker
 
-# Decode, cache attention and the sm_80 prefill (its __syncwarp-ordered output staging), briefly.
+# Decode, cache attention and both prefill kernels (their __syncwarp-ordered output staging; the
+# cuda-emu-sm90 cases match "cuda-emu" too), briefly.
 RACE_CLEAN = ["tests/test_decode.py", "tests/test_cache_attention.py", "tests/test_prefill.py", "-k",
               "cuda-emu and (test_parity_contiguous_and_paged and fp16 and page16"
               " or test_cuda_parity_ragged_mixed_batch and fp16 or test_dense_parity and fp16 and causal)"]
@@ -164,3 +165,9 @@ def test_broken_sm90_prefill_fails_the_parity_tests(mutation):
     if mutation == "expect_tx_off_by_16":
         assert "hang (a barrier some threads never reach)" in result.stdout, result.stdout[-3000:]
         assert "mbarrier" in result.stdout, result.stdout[-3000:]
+
+
+def test_sanitized_sm90_prefill_runs_clean():
+    with emu_variant.variant("sanitized", sanitize=True) as library:
+        result = emu_variant.run_tests(library, SM90_PARITY, sanitize=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
