@@ -33,12 +33,24 @@ def _rel(patches):
     return {path.removeprefix("csrc/"): change for path, change in patches.items()}
 
 
-@pytest.mark.parametrize("mutation", list(MUTATIONS))
-def test_broken_decode_kernel_fails_the_parity_tests(mutation):
-    with emu_variant.variant("mutant", _rel(MUTATIONS[mutation])) as library:
-        result = emu_variant.run_tests(library, PARITY)
+def _assert_mutant_fails(mutation, patches, args):
+    """Builds the kernels with `patches` and runs `args` against them: some test must fail."""
+    with emu_variant.variant("mutant", _rel(patches)) as library:
+        result = emu_variant.run_tests(library, args)
     assert result.returncode != 0, f"{mutation}: the broken kernel passed\n{result.stdout[-3000:]}"
     assert "FAILED" in result.stdout, result.stdout[-3000:]
+    return result
+
+
+def _assert_sanitized_clean(args):
+    with emu_variant.variant("sanitized", sanitize=True) as library:
+        result = emu_variant.run_tests(library, args, sanitize=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_broken_decode_kernel_fails_the_parity_tests(mutation):
+    _assert_mutant_fails(mutation, MUTATIONS[mutation], PARITY)
 
 
 def test_a_barrier_some_threads_never_reach_is_reported_as_a_hang():
@@ -52,9 +64,7 @@ def test_a_barrier_some_threads_never_reach_is_reported_as_a_hang():
 
 
 def test_sanitized_kernels_run_clean():
-    with emu_variant.variant("sanitized", sanitize=True) as library:
-        result = emu_variant.run_tests(library, PARITY, sanitize=True)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    _assert_sanitized_clean(PARITY)
 
 
 def test_sanitizer_catches_a_shared_memory_index_one_past_the_end():
@@ -117,17 +127,12 @@ CACHE_MUTATIONS = {
 
 @pytest.mark.parametrize("mutation", list(CACHE_MUTATIONS))
 def test_broken_cache_attention_kernel_fails_the_parity_tests(mutation):
-    with emu_variant.variant("mutant", _rel(CACHE_MUTATIONS[mutation])) as library:
-        result = emu_variant.run_tests(library, CACHE_PARITY)
-    assert result.returncode != 0, f"{mutation}: the broken kernel passed\n{result.stdout[-3000:]}"
-    assert "FAILED" in result.stdout, result.stdout[-3000:]
+    _assert_mutant_fails(mutation, CACHE_MUTATIONS[mutation], CACHE_PARITY)
 
 
 @pytest.mark.slow  # about 8 minutes on 2 cores: outside the default run, which sanitizes decode
 def test_sanitized_cache_attention_kernels_run_clean():
-    with emu_variant.variant("sanitized", sanitize=True) as library:
-        result = emu_variant.run_tests(library, CACHE_PARITY, sanitize=True)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    _assert_sanitized_clean(CACHE_PARITY)
 
 
 # ---------------------------------------------------------------------- the sm_90a prefill kernel
@@ -158,16 +163,11 @@ SM90_MUTATIONS = {
 
 @pytest.mark.parametrize("mutation", list(SM90_MUTATIONS))
 def test_broken_sm90_prefill_fails_the_parity_tests(mutation):
-    with emu_variant.variant("mutant", _rel(SM90_MUTATIONS[mutation])) as library:
-        result = emu_variant.run_tests(library, SM90_PARITY)
-    assert result.returncode != 0, f"{mutation}: the broken kernel passed\n{result.stdout[-3000:]}"
-    assert "FAILED" in result.stdout, result.stdout[-3000:]
+    result = _assert_mutant_fails(mutation, SM90_MUTATIONS[mutation], SM90_PARITY)
     if mutation == "expect_tx_off_by_16":
         assert "hang (a barrier some threads never reach)" in result.stdout, result.stdout[-3000:]
         assert "mbarrier" in result.stdout, result.stdout[-3000:]
 
 
 def test_sanitized_sm90_prefill_runs_clean():
-    with emu_variant.variant("sanitized", sanitize=True) as library:
-        result = emu_variant.run_tests(library, SM90_PARITY, sanitize=True)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    _assert_sanitized_clean(SM90_PARITY)

@@ -227,34 +227,36 @@ void wgmma_wait_group(int n) {
   emu::warp_collective(kWaitName, wait_fn, 0xFFFFFFFFu, in, 1);
 }
 
-void wgmma_mma_async_ss(float* d, int n, bool bf16, uint64_t desc_a, uint64_t desc_b, bool scale_d, int scale_a,
-                        int scale_b, bool trans_a, bool trans_b) {
+namespace {
+
+// The fields both forms share; the caller adds A.
+WgmmaOp make_op(float* d, int n, bool bf16, uint64_t desc_b, bool scale_d, int scale_a, int scale_b, bool trans_b) {
   WgmmaOp op;
   op.n = n;
   op.bf16 = bf16;
-  op.desc_a = desc_a;
   op.desc_b = desc_b;
   op.scale_d = scale_d;
   op.scale_a = scale_a;
   op.scale_b = scale_b;
-  op.trans_a = trans_a;
   op.trans_b = trans_b;
   op.d = d;
+  return op;
+}
+
+}  // namespace
+
+void wgmma_mma_async_ss(float* d, int n, bool bf16, uint64_t desc_a, uint64_t desc_b, bool scale_d, int scale_a,
+                        int scale_b, bool trans_a, bool trans_b) {
+  WgmmaOp op = make_op(d, n, bf16, desc_b, scale_d, scale_a, scale_b, trans_b);
+  op.desc_a = desc_a;
+  op.trans_a = trans_a;
   issue(std::move(op), "wgmma.mma_async (A and B in shared memory)");
 }
 
 void wgmma_mma_async_rs(float* d, int n, bool bf16, const uint32_t* a, uint64_t desc_b, bool scale_d, int scale_a,
                         int scale_b, bool trans_b) {
-  WgmmaOp op;
-  op.n = n;
-  op.bf16 = bf16;
+  WgmmaOp op = make_op(d, n, bf16, desc_b, scale_d, scale_a, scale_b, trans_b);
   op.a_in_regs = true;
-  op.desc_b = desc_b;
-  op.scale_d = scale_d;
-  op.scale_a = scale_a;
-  op.scale_b = scale_b;
-  op.trans_b = trans_b;
-  op.d = d;
   memcpy(op.a, a, sizeof(op.a));
   op.a_regs = a;
   issue(std::move(op), "wgmma.mma_async (A in registers)");
