@@ -38,6 +38,17 @@ def cuda_include() -> str:
     return include
 
 
+def cute_include() -> str | None:
+    """The CuTe headers of the nvidia-cutlass wheel (the independent layouts the emulator is checked
+    against), or None without the wheel."""
+    try:
+        import cutlass_library
+    except ImportError:
+        return None
+    path = os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")
+    return path if os.path.exists(os.path.join(path, "cute", "tensor.hpp")) else None
+
+
 @contextlib.contextmanager
 def variant(name: str, patches: dict[str, tuple[str, str]] | None = None, *, sanitize: bool = False,
             racecheck: bool = False):

@@ -15,17 +15,7 @@ import emu_variant
 ROOT = emu_variant.ROOT
 EMU_SOURCES = ("runtime.cpp", "ptx.cpp", "cuda_runtime.cpp", "sm90.cpp", "tma.cpp")
 
-
-def cute_include() -> str | None:
-    try:
-        import cutlass_library
-    except ImportError:
-        return None
-    path = os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")
-    return path if os.path.exists(os.path.join(path, "cute", "tensor.hpp")) else None
-
-
-pytestmark = pytest.mark.skipif(cute_include() is None or shutil.which("g++") is None,
+pytestmark = pytest.mark.skipif(emu_variant.cute_include() is None or shutil.which("g++") is None,
                                 reason="needs g++ and the CuTe headers (pip install nvidia-cutlass)")
 
 
@@ -35,7 +25,7 @@ def build_and_run(tmp_path, emu_dir: str):
     except RuntimeError as e:
         pytest.skip(str(e))
     exe = str(tmp_path / "layout_check")
-    cmd = ["g++", "-std=c++17", "-O1", "-fno-strict-aliasing", "-DKVK_EMULATE", f"-I{cute_include()}",
+    cmd = ["g++", "-std=c++17", "-O1", "-fno-strict-aliasing", "-DKVK_EMULATE", f"-I{emu_variant.cute_include()}",
            f"-I{tmp_path / 'csrc'}", f"-I{os.path.join(ROOT, 'csrc')}", f"-I{cuda}", f"-I{os.path.join(cuda, 'cccl')}",
            os.path.join(ROOT, "tests", "emu", "layout_check.cpp"),
            *[os.path.join(emu_dir, f) for f in EMU_SOURCES], "-ldl", "-o", exe]

@@ -1,9 +1,11 @@
-"""The emulator's sm_90a synchronisation and TMA (csrc/emu/sm90.cpp, tma.cpp) behave as the PTX ISA
-and the CUDA driver say: mbarrier phases and transaction counts, the hang report naming the
-barrier, named barriers, elect.sync and setmaxnreg (tests/emu/sm90_sync_check.cpp); the tensor-map
-encoder's argument rules and the swizzled, zero-filled, asynchronously completed box of
-cp.async.bulk.tensor (tests/emu/sm90_tma_check.cpp). Both are host programs built with g++; an
-emulator with one of those rules broken fails its check."""
+"""The emulator's sm_90a synchronisation, TMA and warpgroup MMA (csrc/emu/sm90.cpp, tma.cpp,
+wgmma.cpp) behave as the PTX ISA and the CUDA driver say: mbarrier phases and transaction counts,
+the hang report naming the barrier, named barriers, elect.sync and setmaxnreg
+(tests/emu/sm90_sync_check.cpp); the tensor-map encoder's argument rules and the swizzled,
+zero-filled, asynchronously completed box of cp.async.bulk.tensor (tests/emu/sm90_tma_check.cpp);
+wgmma's descriptor decode, operand and accumulator layouts against CuTe's GMMA traits and
+hand-computed PTX ISA cases (tests/emu/sm90_wgmma_check.cpp). All are host programs built with g++;
+an emulator with one of those rules broken fails its check."""
 
 from __future__ import annotations
 
@@ -16,16 +18,21 @@ import pytest
 import emu_variant
 
 ROOT = emu_variant.ROOT
-EMU_SOURCES = ("runtime.cpp", "sm90.cpp", "tma.cpp")
+EMU_SOURCES = ("runtime.cpp", "sm90.cpp", "tma.cpp", "wgmma.cpp")
 PROGRAMS = {"sync": ("sm90_sync_check.cpp", "all sm90 synchronisation checks pass"),
-            "tma": ("sm90_tma_check.cpp", "all TMA checks pass")}
+            "tma": ("sm90_tma_check.cpp", "all TMA checks pass"),
+            "wgmma": ("sm90_wgmma_check.cpp", "all wgmma checks pass")}
+NEEDS_CUTE = {"wgmma"}
 
 pytestmark = [pytest.mark.emu, pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")]
 
 
-def _compile(source: str, obj: str):
+def _compile(source: str, obj: str, *, cute: bool = False):
     cuda = emu_variant.cuda_include()
-    cmd = ["g++", "-std=c++17", "-O1", "-DKVK_EMULATE", f"-I{os.path.join(ROOT, 'csrc')}", f"-I{cuda}", "-c", source, "-o", obj]
+    includes = [f"-I{os.path.join(ROOT, 'csrc')}", f"-I{cuda}"]
+    if cute:
+        includes += [f"-I{emu_variant.cute_include()}", f"-I{os.path.join(cuda, 'cccl')}", "-Wno-deprecated-declarations"]
+    cmd = ["g++", "-std=c++17", "-O1", "-fno-strict-aliasing", "-DKVK_EMULATE", *includes, "-c", source, "-o", obj]
     build = subprocess.run(cmd, capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-3000:]
     return obj
@@ -33,7 +40,8 @@ def _compile(source: str, obj: str):
 
 @pytest.fixture(scope="module")
 def objects(tmp_path_factory):
-    """The unpatched emulator sources and both check programs, compiled once ({name: object file})."""
+    """The unpatched emulator sources and the check programs, compiled once ({name: object file};
+    the wgmma check only where the CuTe headers are installed)."""
     try:
         emu_variant.cuda_include()
     except RuntimeError as e:
@@ -41,11 +49,16 @@ def objects(tmp_path_factory):
     out = tmp_path_factory.mktemp("sm90_objects")
     objs = {f: _compile(os.path.join(ROOT, "csrc", "emu", f), str(out / (f + ".o"))) for f in EMU_SOURCES}
     for program, (source, _) in PROGRAMS.items():
-        objs[program] = _compile(os.path.join(ROOT, "tests", "emu", source), str(out / (program + ".o")))
+        cute = program in NEEDS_CUTE
+        if cute and emu_variant.cute_include() is None:
+            continue
+        objs[program] = _compile(os.path.join(ROOT, "tests", "emu", source), str(out / (program + ".o")), cute=cute)
     return objs
 
 
 def link_and_run(tmp_path, objs: dict, program: str):
+    if program not in objs:
+        pytest.skip("the wgmma check needs the CuTe headers (pip install nvidia-cutlass)")
     exe = str(tmp_path / program)
     link = subprocess.run(["g++", objs[program], *[objs[f] for f in EMU_SOURCES], "-o", exe],
                           capture_output=True, text=True)
@@ -91,6 +104,28 @@ MUTATIONS = {
                           "mbarrier_complete_tx(c.bar, static_cast<uint32_t>(c.bytes.size() - 16));", "tma"),
     # The encoder accepting strides that are not multiples of 16 bytes.
     "stride_rule_dropped": ("tma.cpp", "if (s % 16) return reject", "if (false) return reject", "tma"),
+    # The 128-byte swizzle of a wgmma descriptor XORing two row bits instead of three.
+    "wgmma_swizzle_128b_mask": ("wgmma.cpp", "span == 128 ? 7u", "span == 128 ? 3u", "wgmma"),
+    # Layout codes 1 and 2 (128- and 64-byte swizzle) swapped.
+    "wgmma_layout_codes_swapped": ("wgmma.cpp", "layout == 1 ? 128 : layout == 2 ? 64",
+                                   "layout == 1 ? 64 : layout == 2 ? 128", "wgmma"),
+    # Leading and stride byte offsets swapped for swizzled MN-major operands.
+    "wgmma_mn_major_lbo_sbo_swapped": ("wgmma.cpp", "(umn / (span / 2)) * lbo + (uk % 8) * span + (uk / 8) * sbo",
+                                       "(umn / (span / 2)) * sbo + (uk % 8) * span + (uk / 8) * lbo", "wgmma"),
+    # ... and for interleaved K-major ones.
+    "wgmma_k_major_lbo_sbo_swapped": ("wgmma.cpp", "(umn / 8) * sbo + (uk % 8) * 2 + (uk / 8) * lbo",
+                                      "(umn / 8) * lbo + (uk % 8) * 2 + (uk / 8) * sbo", "wgmma"),
+    # imm-trans-b ignored: B always read K-major.
+    "wgmma_trans_b_ignored": ("wgmma.cpp", "wgmma_operand_address(op.desc_b, op.trans_b, c, k)",
+                              "wgmma_operand_address(op.desc_b, false, c, k)", "wgmma"),
+    # The accumulator fragment with its row and column halves swapped.
+    "wgmma_accumulator_layout": ("wgmma.cpp",
+                                 "const int row = l / 4 + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * (l % 4) + i % 2;",
+                                 "const int row = l / 4 + 8 * (i % 2), col = 8 * (i / 4) + 2 * (l % 4) + (i / 2) % 2;",
+                                 "wgmma"),
+    # The register A fragment (rs) with its row and k halves swapped.
+    "wgmma_register_a_layout": ("wgmma.cpp", "A[g + 8 * (i % 2)][2 * tq + h + 8 * (i / 2)]",
+                                "A[g + 8 * (i / 2)][2 * tq + h + 8 * (i % 2)]", "wgmma"),
 }
 
 

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <map>
 #include <memory>
+#include <new>
 #include <mutex>
 #include <stdexcept>
 
@@ -268,6 +269,13 @@ int max_dynamic_smem(const void* kernel) {
   return it == g_max_smem.end() ? 48 * 1024 : it->second;
 }
 
+namespace {
+constexpr std::align_val_t kSharedAlign{1024};
+struct AlignedDelete {
+  void operator()(unsigned char* p) const { ::operator delete[](p, kSharedAlign); }
+};
+}  // namespace
+
 void run_grid(const char* kernel, dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body) {
   if (g.launch) throw std::logic_error("kvkernels emulator: a kernel launched from inside a kernel");
   const Launch launch{kernel, grid, block, smem_bytes};
@@ -289,8 +297,10 @@ void run_grid(const char* kernel, dim3 grid, dim3 block, size_t smem_bytes, cons
   if (nthreads <= 0 || nthreads > 1024) fail("invalid block size %d", nthreads);
   std::vector<Fiber> fibers(nthreads);
   for (Fiber& f : fibers) f.stack.reset(new unsigned char[kStackBytes]);
-  // Exactly the launch's bytes (a read one past the end is outside the allocation under ASan).
-  std::unique_ptr<unsigned char[]> smem(new unsigned char[smem_bytes ? smem_bytes : 1]);
+  // Exactly the launch's bytes (a read one past the end is outside the allocation under ASan), on a
+  // 1024-byte boundary (a 128-byte swizzle atom): host code that swizzles shared pointers by their
+  // address bits (CuTe's swizzle_ptr) then agrees with the emulator's swizzles on shared addresses.
+  std::unique_ptr<unsigned char[], AlignedDelete> smem(new (kSharedAlign) unsigned char[smem_bytes ? smem_bytes : 1]);
   for (unsigned bz = 0; bz < grid.z; ++bz) {
     for (unsigned by = 0; by < grid.y; ++by) {
       for (unsigned bx = 0; bx < grid.x; ++bx) {
