@@ -26,6 +26,10 @@ SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "
 # hooks defined by csrc/emu/racecheck/shadow.cpp (compiled without it) instead of by libtsan.
 RACECHECK = ["-fsanitize=thread", "-DKVK_EMU_RACECHECK"]
 RACE_SHADOW = os.path.join("emu", "racecheck", "shadow.cpp")
+# The op families of the emulator library (csrc/emu/launch_<op>*.cpp and ops_<op>.cpp, each
+# registering its own ops); the rest of csrc/emu/*.cpp is the emulator itself. A variant built for
+# some of them compiles only theirs: a patch of one kernel recompiles only what runs it.
+OPS = ("append", "cache_attention", "decode", "prefill")
 
 
 def cuda_include() -> str:
@@ -51,20 +55,32 @@ def cute_include() -> str | None:
 
 @contextlib.contextmanager
 def variant(name: str, patches: dict[str, tuple[str, str]] | None = None, *, sanitize: bool = False,
-            racecheck: bool = False):
+            racecheck: bool = False, ops: tuple[str, ...] = OPS):
     """Builds csrc/ with `patches` ({path under csrc: (text, replacement)}, each text found exactly once)
-    into its own extension library and yields the path of the .so, holding the variant folder's lock
-    until the block ends: run the tests that load it inside the block. sanitize: AddressSanitizer and
-    UndefinedBehaviorSanitizer; racecheck: the shared-memory race checker (one or the other)."""
+    into its own extension library with the kernels of `ops` (see OPS) and yields the path of the .so,
+    holding the variant folder's lock until the block ends: run the tests that load it inside the
+    block. sanitize: AddressSanitizer and UndefinedBehaviorSanitizer; racecheck: the shared-memory race
+    checker (one or the other)."""
     assert not (sanitize and racecheck), "AddressSanitizer and the race checker's instrumentation do not mix"
-    tree = os.path.join(VARIANTS, name)
+    assert ops and set(ops) <= set(OPS), ops
+    ops = tuple(sorted(set(ops)))
+    folder = name if ops == OPS else f"{name}-{'+'.join(ops)}"  # one build folder per op set
+    tree = os.path.join(VARIANTS, folder)
     os.makedirs(tree, exist_ok=True)
     with open(os.path.join(tree, ".variant.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
-        yield _build_locked(tree, name, patches, sanitize, racecheck)
+        yield _build_locked(tree, folder, patches, sanitize, racecheck, ops)
 
 
-def _build_locked(tree: str, name: str, patches, sanitize: bool, racecheck: bool) -> str:
+def _sources(src: str, ops: tuple[str, ...]) -> list[str]:
+    """The emulator library's translation units for `ops`: the emulator and those ops' launchers and glue."""
+    def family(path: str) -> str | None:
+        base = os.path.basename(path)
+        return next((op for op in OPS if base == f"ops_{op}.cpp" or base.startswith(f"launch_{op}")), None)
+    return sorted(p for p in glob.glob(os.path.join(src, "emu", "*.cpp")) if family(p) in (None, *ops))
+
+
+def _build_locked(tree: str, name: str, patches, sanitize: bool, racecheck: bool, ops: tuple[str, ...]) -> str:
     src = os.path.join(tree, "csrc")
     # Copy file by file, keeping the modification time of unchanged files so ninja skips them.
     for path in glob.glob(os.path.join(ROOT, "csrc", "**", "*.*"), recursive=True):
@@ -94,7 +110,7 @@ def _build_locked(tree: str, name: str, patches, sanitize: bool, racecheck: bool
         _build_race_shadow(src, build_dir)
     # torch's builder also loads the library: in a subprocess, with the sanitizer runtimes preloaded
     # when the library needs them (never in this process).
-    result = subprocess.run([sys.executable, __file__, src, build_dir, mode],
+    result = subprocess.run([sys.executable, __file__, src, build_dir, mode, ",".join(ops)],
                             env=_env(sanitize), capture_output=True, text=True, timeout=1800)
     if result.returncode != 0:
         raise RuntimeError(f"building the emulator variant {name} failed:\n{result.stdout[-3000:]}"
@@ -116,7 +132,7 @@ def _build_race_shadow(src: str, build_dir: str) -> None:
         os.remove(os.path.join(build_dir, "_emu.so"))
 
 
-def _build_here(src: str, build_dir: str, mode: str) -> None:
+def _build_here(src: str, build_dir: str, mode: str, ops: tuple[str, ...]) -> None:
     from torch.utils.cpp_extension import load
 
     flags = ["-O1", "-g", "-fno-strict-aliasing", "-ffp-contract=off", "-DKVK_EMULATE"]  # as setup.py
@@ -127,7 +143,7 @@ def _build_here(src: str, build_dir: str, mode: str) -> None:
     elif mode == "racecheck":  # instrumented, but linked against the shadow instead of libtsan
         flags += RACECHECK
         ldflags += [os.path.join(build_dir, "race_shadow.o")]
-    load(name="_emu", sources=sorted(glob.glob(os.path.join(src, "emu", "*.cpp"))),
+    load(name="_emu", sources=_sources(src, ops),
          extra_include_paths=[src, cuda_include()], extra_cflags=flags, extra_ldflags=ldflags,
          build_directory=build_dir, is_python_module=False, verbose=False)
 
@@ -154,5 +170,5 @@ def run_tests(library: str, args: list[str], *, sanitize: bool = False, timeout:
                            *(["-s"] if sanitize else []), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-if __name__ == "__main__":  # variant(): python emu_variant.py SRC BUILD_DIR plain|sanitize|racecheck
-    _build_here(sys.argv[1], sys.argv[2], sys.argv[3])
+if __name__ == "__main__":  # variant(): python emu_variant.py SRC BUILD_DIR plain|sanitize|racecheck OP,OP,...
+    _build_here(sys.argv[1], sys.argv[2], sys.argv[3], tuple(sys.argv[4].split(",")))

@@ -16,6 +16,10 @@ pytestmark = [pytest.mark.emu, pytest.mark.xdist_group("emu-variants"),
               pytest.mark.skipif(not HAS_EMULATOR, reason="the CUDA emulator is not built")]
 
 DECODE = "csrc/kernels/decode.cuh"
+# Each variant builds only the kernels its tests run (emu_variant.OPS): a patch of decode.cuh then
+# recompiles the decode launchers, not the cache-attention ones that share the template.
+DECODE_OPS = ("decode",)
+PREFILL_OPS = ("prefill",)
 # Paged and contiguous parity, fp16, several tiles per sequence (awkward lengths up to 511).
 PARITY = ["tests/test_decode.py", "-k", "test_parity_contiguous_and_paged and fp16 and cuda-emu"]
 
@@ -33,30 +37,30 @@ def _rel(patches):
     return {path.removeprefix("csrc/"): change for path, change in patches.items()}
 
 
-def _assert_mutant_fails(mutation, patches, args):
-    """Builds the kernels with `patches` and runs `args` against them: some test must fail."""
-    with emu_variant.variant("mutant", _rel(patches)) as library:
+def _assert_mutant_fails(mutation, patches, args, ops):
+    """Builds the kernels of `ops` with `patches` and runs `args` against them: some test must fail."""
+    with emu_variant.variant("mutant", _rel(patches), ops=ops) as library:
         result = emu_variant.run_tests(library, args)
     assert result.returncode != 0, f"{mutation}: the broken kernel passed\n{result.stdout[-3000:]}"
     assert "FAILED" in result.stdout, result.stdout[-3000:]
     return result
 
 
-def _assert_sanitized_clean(args):
-    with emu_variant.variant("sanitized", sanitize=True) as library:
+def _assert_sanitized_clean(args, ops):
+    with emu_variant.variant("sanitized", sanitize=True, ops=ops) as library:
         result = emu_variant.run_tests(library, args, sanitize=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
 
 @pytest.mark.parametrize("mutation", list(MUTATIONS))
 def test_broken_decode_kernel_fails_the_parity_tests(mutation):
-    _assert_mutant_fails(mutation, MUTATIONS[mutation], PARITY)
+    _assert_mutant_fails(mutation, MUTATIONS[mutation], PARITY, DECODE_OPS)
 
 
 def test_a_barrier_some_threads_never_reach_is_reported_as_a_hang():
     patch = {DECODE: ("  __syncthreads();  // the pipeline buffers become the merge area\n",
                       "  if (tid < 64) __syncthreads();\n")}
-    with emu_variant.variant("mutant", _rel(patch)) as library:
+    with emu_variant.variant("mutant", _rel(patch), ops=DECODE_OPS) as library:
         result = emu_variant.run_tests(library, PARITY)
     assert result.returncode != 0
     assert "hang (a barrier some threads never reach)" in result.stdout, result.stdout[-3000:]
@@ -64,7 +68,7 @@ def test_a_barrier_some_threads_never_reach_is_reported_as_a_hang():
 
 
 def test_sanitized_kernels_run_clean():
-    _assert_sanitized_clean(PARITY)
+    _assert_sanitized_clean(PARITY, DECODE_OPS)
 
 
 def test_sanitizer_catches_a_shared_memory_index_one_past_the_end():
@@ -72,7 +76,7 @@ def test_sanitizer_catches_a_shared_memory_index_one_past_the_end():
     # first byte past the launch's allocation.
     patch = {DECODE: ("unsigned char* const flags = smem + Tr::kPipeBytes;",
                       "unsigned char* const flags = smem + Tr::kSmemBytes;")}
-    with emu_variant.variant("sanitized", _rel(patch), sanitize=True) as library:
+    with emu_variant.variant("sanitized", _rel(patch), sanitize=True, ops=DECODE_OPS) as library:
         result = emu_variant.run_tests(library, PARITY, sanitize=True)
     output = result.stdout + result.stderr
     assert result.returncode != 0, output[-3000:]
@@ -89,8 +93,11 @@ RACE_CLEAN = ["tests/test_decode.py", "tests/test_cache_attention.py", "tests/te
               " or test_cuda_parity_ragged_mixed_batch and fp16 or test_dense_parity and fp16 and causal)"]
 
 
+RACE_CLEAN_OPS = ("cache_attention", "decode", "prefill")
+
+
 def test_race_checker_finds_no_race_in_the_kernels():
-    with emu_variant.variant("racecheck", racecheck=True) as library:
+    with emu_variant.variant("racecheck", racecheck=True, ops=RACE_CLEAN_OPS) as library:
         result = emu_variant.run_tests(library, RACE_CLEAN)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "deselected" in result.stdout, result.stdout[-2000:]
@@ -103,7 +110,7 @@ def test_race_checker_finds_no_race_in_the_kernels():
     "  __syncthreads();  // the pipeline buffers become the merge area\n",
 ], ids=["stage-refill", "merge-area"])
 def test_race_checker_names_a_dropped_barrier(barrier):
-    with emu_variant.variant("racecheck", _rel({DECODE: (barrier, "\n")}), racecheck=True) as library:
+    with emu_variant.variant("racecheck", _rel({DECODE: (barrier, "\n")}), racecheck=True, ops=DECODE_OPS) as library:
         result = emu_variant.run_tests(library, PARITY)
     assert result.returncode != 0, result.stdout[-3000:]
     assert "shared-memory race at byte offset" in result.stdout, result.stdout[-3000:]
@@ -127,12 +134,12 @@ CACHE_MUTATIONS = {
 
 @pytest.mark.parametrize("mutation", list(CACHE_MUTATIONS))
 def test_broken_cache_attention_kernel_fails_the_parity_tests(mutation):
-    _assert_mutant_fails(mutation, CACHE_MUTATIONS[mutation], CACHE_PARITY)
+    _assert_mutant_fails(mutation, CACHE_MUTATIONS[mutation], CACHE_PARITY, ("cache_attention",))
 
 
 @pytest.mark.slow  # about 8 minutes on 2 cores: outside the default run, which sanitizes decode
 def test_sanitized_cache_attention_kernels_run_clean():
-    _assert_sanitized_clean(CACHE_PARITY)
+    _assert_sanitized_clean(CACHE_PARITY, ("cache_attention",))
 
 
 # ---------------------------------------------------------------------- the sm_90a prefill kernel
@@ -163,11 +170,37 @@ SM90_MUTATIONS = {
 
 @pytest.mark.parametrize("mutation", list(SM90_MUTATIONS))
 def test_broken_sm90_prefill_fails_the_parity_tests(mutation):
-    result = _assert_mutant_fails(mutation, SM90_MUTATIONS[mutation], SM90_PARITY)
+    result = _assert_mutant_fails(mutation, SM90_MUTATIONS[mutation], SM90_PARITY, PREFILL_OPS)
     if mutation == "expect_tx_off_by_16":
         assert "hang (a barrier some threads never reach)" in result.stdout, result.stdout[-3000:]
         assert "mbarrier" in result.stdout, result.stdout[-3000:]
 
 
 def test_sanitized_sm90_prefill_runs_clean():
-    _assert_sanitized_clean(SM90_PARITY)
+    _assert_sanitized_clean(SM90_PARITY, PREFILL_OPS)
+
+
+# Orderings of the sm_90a kernel that only the race checker sees broken (in the emulator the data
+# may still come out right, on the GPU it need not): a consumer warp releasing its K stage to the
+# producer before the wgmma reading it completed, and the consumer warpgroups' shared zeroing of a
+# boundary tile's V rows without the named barrier before the other warpgroup's wgmma reads them.
+SM90_RACES = {
+    # (tile 0's stage, refilled for tile 2)
+    "k_stage_released_before_its_wgmma_completes": {SM90: (
+        "    issue_qk(0);\n    wgmma_wait<0>();\n    fence_regs(s);\n    release(&k_empty[0]);\n",
+        "    issue_qk(0);\n    release(&k_empty[0]);\n    wgmma_wait<0>();\n    fence_regs(s);\n")},
+    "v_zeroing_barrier_dropped": {SM90: (
+        "      named_barrier_sync(kConsumerBarrier, Cfg::kConsumerWarps * 32);\n", "\n")},
+}
+# Several key tiles through both stages, the last one partial (its V rows past the end zeroed).
+SM90_RACE_RUN = ["tests/test_prefill.py", "-k", "cuda-emu-sm90 and test_many_key_tiles and 64"]
+
+
+@pytest.mark.parametrize("mutation", list(SM90_RACES))
+def test_race_checker_names_a_broken_sm90_ordering(mutation):
+    # the clean run's build: only the sm_90a kernel's file is recompiled
+    with emu_variant.variant("racecheck", _rel(SM90_RACES[mutation]), racecheck=True, ops=RACE_CLEAN_OPS) as library:
+        result = emu_variant.run_tests(library, SM90_RACE_RUN)
+    assert result.returncode != 0, result.stdout[-3000:]
+    assert "shared-memory race at byte offset" in result.stdout, result.stdout[-3000:]
+    assert "kvk_prefill_sm90" in result.stdout, result.stdout[-3000:]

@@ -27,6 +27,8 @@
 
 #include <vector_types.h>  // uint3, dim3 (host-compilable CUDA toolkit header)
 
+#include "emu/racecheck.h"
+
 namespace kvk {
 namespace emu {
 
@@ -96,12 +98,15 @@ struct MBarrier {
   int64_t tx = 0;        // transaction bytes still expected in the current phase (may go negative)
   uint32_t phase = 0;    // phases completed so far; the current phase's parity is phase & 1
   std::vector<int> waiters;  // threads blocked in try_wait on this barrier
+  race::Clock arrivals;      // the race checker: what the current phase's arrivals release
+  race::Clock completed;     // ... and the last completed phase's, which a wait that sees it acquires
 };
 
 // A named barrier (bar.sync / bar.arrive with an id and a thread count).
 struct NamedBarrier {
   int count = 0, arrived = 0;  // count 0: no generation under way
   std::vector<int> waiters;
+  race::Clock arrivals;  // the race checker: what this generation's arrivals release
 };
 
 // setmaxnreg of one warpgroup (four consecutive warps).

@@ -45,6 +45,8 @@ void maybe_complete(MBarrier& m) {
   if (m.pending != 0 || m.tx != 0) return;
   ++m.phase;
   m.pending = m.count;
+  m.completed = std::move(m.arrivals);
+  m.arrivals = emu::race::Clock{};
   for (int t : m.waiters) emu::wake(t);
   m.waiters.clear();
 }
@@ -58,11 +60,19 @@ void add_tx(MBarrier& m, int64_t delta, const char* what, uint32_t addr) {
 }
 
 void arrive(MBarrier& m) {
+  emu::race::release(m.arrivals);
   --m.pending;
   maybe_complete(m);
 }
 
 bool phase_done(const MBarrier& m, uint32_t parity) { return (m.phase & 1u) != (parity & 1u); }
+
+// A wait that sees the phase of `parity` complete acquires what its arrivals released.
+bool observe(const MBarrier& m, uint32_t parity) {
+  if (!phase_done(m, parity)) return false;
+  emu::race::acquire(m.completed);
+  return true;
+}
 
 }  // namespace
 
@@ -100,19 +110,20 @@ void mbarrier_expect_tx(uint32_t bar, uint32_t bytes) {
 void mbarrier_complete_tx(uint32_t bar, uint32_t bytes) {
   const char* what = "mbarrier.complete_tx";
   MBarrier& m = barrier(bar, what);
+  emu::race::release(m.arrivals);  // the copy's writes, for the waiters of the phase
   add_tx(m, -static_cast<int64_t>(bytes), what, bar);
   maybe_complete(m);
 }
 
 bool mbarrier_test_wait_parity(uint32_t bar, uint32_t parity) {
-  return phase_done(barrier(bar, "mbarrier.test_wait.parity"), parity);
+  return observe(barrier(bar, "mbarrier.test_wait.parity"), parity);
 }
 
 bool mbarrier_try_wait_parity(uint32_t bar, uint32_t parity) {
   const char* what = "mbarrier.try_wait.parity";
   for (;;) {
     MBarrier& m = barrier(bar, what);  // looked up again after a wake: the map may have grown
-    if (phase_done(m, parity)) return true;
+    if (observe(m, parity)) return true;
     m.waiters.push_back(current().linear);
     emu::block_current(what);
   }
@@ -142,10 +153,18 @@ emu::NamedBarrier& named(int id, int count, const char* what) {
 }
 
 // Counts the running thread; returns true when it completed the generation (everyone released).
-bool named_arrive(emu::NamedBarrier& n) {
+// The waiters (bar.sync) acquire what all of the generation's arrivals released; `sync`: the
+// running thread is one of them.
+bool named_arrive(emu::NamedBarrier& n, bool sync) {
+  emu::race::release(n.arrivals);
   if (++n.arrived < n.count) return false;
-  for (int t : n.waiters) emu::wake(t);
+  for (int t : n.waiters) {
+    emu::race::acquire_for(t, n.arrivals);
+    emu::wake(t);
+  }
+  if (sync) emu::race::acquire(n.arrivals);
   n.waiters.clear();
+  n.arrivals = emu::race::Clock{};
   n.arrived = n.count = 0;
   return true;
 }
@@ -155,12 +174,12 @@ bool named_arrive(emu::NamedBarrier& n) {
 void named_barrier_sync(int id, int count) {
   const char* what = "bar.sync";
   emu::NamedBarrier& n = named(id, count, what);
-  if (named_arrive(n)) return;
+  if (named_arrive(n, true)) return;
   n.waiters.push_back(current().linear);
   emu::block_current(what);
 }
 
-void named_barrier_arrive(int id, int count) { named_arrive(named(id, count, "bar.arrive")); }
+void named_barrier_arrive(int id, int count) { named_arrive(named(id, count, "bar.arrive"), false); }
 
 // ------------------------------------------------------------------------------ elect.sync
 

@@ -60,6 +60,7 @@ struct Copy {
   uint32_t dst, bar;
   std::vector<unsigned char> bytes;  // in box order
   uint8_t swizzle;
+  race::AsyncCopy race;  // the race checker's agent for it, and its issue's clock
 };
 thread_local std::vector<Copy> g_copies;
 
@@ -141,11 +142,11 @@ bool land_async_copies() {
   std::vector<Copy> copies;
   copies.swap(g_copies);
   for (const Copy& c : copies) {
-    {
-      race::Internal internal;  // the async proxy writes, not a thread
-      for (size_t o = 0; o < c.bytes.size(); o += 16) {
-        memcpy(c.block->smem + swizzled(c.dst + static_cast<uint32_t>(o), c.swizzle), c.bytes.data() + o, 16);
-      }
+    race::AsyncAgent agent(c.race);  // the copy writes and completes, not a thread
+    for (size_t o = 0; o < c.bytes.size(); o += 16) {
+      unsigned char* chunk = c.block->smem + swizzled(c.dst + static_cast<uint32_t>(o), c.swizzle);
+      race::access(chunk, 16, true);
+      memcpy(chunk, c.bytes.data() + o, 16);
     }
     mbarrier_complete_tx(c.bar, static_cast<uint32_t>(c.bytes.size()));
   }
@@ -205,6 +206,12 @@ void tma_load(uint32_t dst, const void* tensor_map, uint32_t bar, const int* coo
           }
   // The barrier must exist now (the copy completes on it later).
   if (!emu::current_block().mbarriers.count(bar)) emu::fail("%s: no mbarrier was initialised at shared address %u", what, bar);
+  // The box counts as written from the issue (by the copy, after what its thread did so far).
+  c.race = emu::race::async_issue();
+  {
+    emu::race::AsyncAgent agent(c.race);
+    emu::race::access(dst_ptr, bytes, true);
+  }
   {
     emu::race::Internal internal;
     memset(dst_ptr, 0xFF, bytes);  // poison until it lands

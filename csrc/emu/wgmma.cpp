@@ -47,9 +47,12 @@ float element(uint16_t raw, bool bf16) {
   return __half2float(__half(h));
 }
 
-uint16_t load16(uint32_t addr, const char* what) {
+// An operand element, read (for the race checker) by `reader`: lane 0 of the warp whose wait runs the op.
+uint16_t load16(uint32_t addr, const char* what, int reader) {
+  const unsigned char* p = emu::shared_ptr(addr, 2, 2, what);
+  emu::race::access_as(reader, p, 2, false);
   uint16_t v;
-  memcpy(&v, emu::shared_ptr(addr, 2, 2, what), 2);
+  memcpy(&v, p, 2);
   return v;
 }
 
@@ -114,7 +117,7 @@ void run_op(Block& b, int warp, size_t j) {
   for (int k = 0; k < 16; ++k) {
     for (int c = 0; c < n; ++c) {
       const uint32_t addr = emu::wgmma_operand_address(op.desc_b, op.trans_b, c, k);
-      B[k * n + c] = op.scale_b * element(load16(addr, "wgmma.mma_async operand B"), op.bf16);
+      B[k * n + c] = op.scale_b * element(load16(addr, "wgmma.mma_async operand B", lanes[0]->linear), op.bf16);
     }
   }
   float A[16][16];
@@ -143,7 +146,7 @@ void run_op(Block& b, int warp, size_t j) {
     for (int m = 0; m < 16; ++m) {
       for (int k = 0; k < 16; ++k) {
         const uint32_t addr = emu::wgmma_operand_address(op.desc_a, op.trans_a, row0 + m, k);
-        A[m][k] = op.scale_a * element(load16(addr, "wgmma.mma_async operand A"), op.bf16);
+        A[m][k] = op.scale_a * element(load16(addr, "wgmma.mma_async operand A", lanes[0]->linear), op.bf16);
       }
     }
   }
@@ -196,6 +199,8 @@ void wait_fn(emu::Warp& w, Block& b) {
     t.wgmma.erase(t.wgmma.begin(), t.wgmma.begin() + static_cast<std::ptrdiff_t>(done));
     t.wgmma_fenced = false;
   }
+  // The wait is .sync.aligned: the lanes leave it together, after the operand reads.
+  emu::race::warp_barrier(warp);
 }
 
 }  // namespace

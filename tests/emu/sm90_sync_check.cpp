@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "check.h"
 #include "emu/runtime.h"
 #include "emu/sm90.h"
 
@@ -19,24 +20,8 @@ using kvk::emu::current_block;
 
 namespace {
 
-int failures = 0;
-
-void check(bool ok, const std::string& what) {
-  if (!ok) {
-    printf("FAIL %s\n", what.c_str());
-    ++failures;
-  }
-}
-
-// Runs one block; returns "" or the emulator's error message.
-std::string run(const char* name, int threads, size_t smem, const std::function<void()>& body) {
-  try {
-    emu::run_grid(name, dim3(1), dim3(threads), smem, body);
-  } catch (const std::runtime_error& e) {
-    return e.what();
-  }
-  return "";
-}
+using emu_check::check;
+using emu_check::run;
 
 void expect_ok(const char* name, const std::string& err) { check(err.empty(), std::string(name) + ": " + err); }
 
@@ -236,10 +221,5 @@ int main() {
   named_barriers();
   elect();
   register_reallocation();
-  if (failures) {
-    printf("%d failures\n", failures);
-    return 1;
-  }
-  printf("all sm90 synchronisation checks pass\n");
-  return 0;
+  return emu_check::finish("all sm90 synchronisation checks pass");
 }

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "check.h"
 #include "emu/runtime.h"
 #include "emu/sm90.h"
 #include "emu/tma.h"
@@ -20,23 +21,8 @@ using kvk::emu::current_block;
 
 namespace {
 
-int failures = 0;
-
-void check(bool ok, const std::string& what) {
-  if (!ok) {
-    printf("FAIL %s\n", what.c_str());
-    ++failures;
-  }
-}
-
-std::string run(const char* name, int threads, size_t smem, const std::function<void()>& body) {
-  try {
-    emu::run_grid(name, dim3(1), dim3(threads), smem, body);
-  } catch (const std::runtime_error& e) {
-    return e.what();
-  }
-  return "";
-}
+using emu_check::check;
+using emu_check::run;
 
 struct Tensor2d {  // rows x cols of 16-bit values v(r, c) = r * cols + c + 1 (never 0, never 0xFFFF)
   int rows, cols;
@@ -82,13 +68,15 @@ void encoder_rules() {
   expect_rejected("rank", encode(&map, mem, {}, {}, {}), "rank 0");
 }
 
-// A 64-column box of 16 rows starting at row `row0` of a 10 x 64 tensor into shared byte 1024;
-// returns the shared memory seen right after the issue and after the wait.
-void box_load(int row0, CUtensorMapSwizzle swizzle, int span) {
+// A box of 16 rows of `cols` columns starting at row `row0` of a 10 x 64 tensor into shared byte
+// 1024; checks the shared memory right after the issue (poison) and after the wait.
+void box_load(int row0, CUtensorMapSwizzle swizzle, int span, int cols = 64) {
   Tensor2d t(10, 64);
   CUtensorMap map;
-  check(encode(&map, t.data.data(), {64, 10}, {128}, {64, 16}, swizzle) == CUDA_SUCCESS, emu::tensor_map_error());
-  constexpr uint32_t kDst = 1024, kBytes = 16 * 128;
+  check(encode(&map, t.data.data(), {64, 10}, {128}, {static_cast<cuuint32_t>(cols), 16}, swizzle) == CUDA_SUCCESS,
+        emu::tensor_map_error());
+  const int row_bytes = cols * 2;
+  const uint32_t kDst = 1024, kBytes = 16 * row_bytes;
   std::vector<unsigned char> at_issue, landed;
   bool complete_at_issue = true;
   const std::string err = run("tma", 32, kDst + kBytes, [&] {
@@ -103,22 +91,27 @@ void box_load(int row0, CUtensorMapSwizzle swizzle, int span) {
     mbarrier_try_wait_parity(0, 0);
     landed.assign(s + kDst, s + kDst + kBytes);
   });
-  const std::string name = "box at row " + std::to_string(row0) + ", swizzle " + std::to_string(span);
+  const std::string name = "box of " + std::to_string(cols) + " columns at row " + std::to_string(row0) +
+                           ", swizzle " + std::to_string(span);
   check(err.empty(), name + ": " + err);
   if (!err.empty()) return;
   check(!complete_at_issue, name + ": the barrier completed at the issue");
   bool poisoned = true;
   for (unsigned char b : at_issue) poisoned &= b == 0xFF;
   check(poisoned, name + ": the destination held data before the copy landed");
-  // Element (r, c) of the box: with the 128-byte swizzle, 16-byte chunk c / 8 of row r lands at
-  // chunk (c / 8) ^ (r % 8) of its 128-byte row (the box starts on a 1024-byte boundary, the atom of
-  // 8 rows); without a swizzle at chunk c / 8.
+  // Element (r, c) of the box, CUDA's swizzle patterns for a box whose rows are the span wide (the
+  // box starts on a 1024-byte boundary): 16-byte chunk c / 8 of row r lands at chunk
+  //   128B: (c / 8) ^ (r % 8)       64B: (c / 8) ^ (r / 2 % 4)       32B: (c / 8) ^ (r / 4 % 2)
+  // (the pattern repeats every 1024, 512 and 256 bytes); without a swizzle at chunk c / 8.
   int wrong = 0;
   for (int r = 0; r < 16; ++r) {
-    for (int c = 0; c < 64; ++c) {
-      const int chunk = span ? (c / 8) ^ (r % 8) : c / 8;
+    for (int c = 0; c < cols; ++c) {
+      int chunk = c / 8;
+      if (span == 128) chunk ^= r % 8;
+      if (span == 64) chunk ^= r / 2 % 4;
+      if (span == 32) chunk ^= r / 4 % 2;
       uint16_t got;
-      memcpy(&got, landed.data() + r * 128 + chunk * 16 + (c % 8) * 2, 2);
+      memcpy(&got, landed.data() + r * row_bytes + chunk * 16 + (c % 8) * 2, 2);
       const int row = row0 + r;
       const uint16_t want = row >= 0 && row < 10 ? t.data[row * 64 + c] : 0;
       wrong += got != want;
@@ -180,12 +173,10 @@ int main() {
   box_load(0, CU_TENSOR_MAP_SWIZZLE_128B, 128);
   box_load(-3, CU_TENSOR_MAP_SWIZZLE_128B, 128);
   box_load(0, CU_TENSOR_MAP_SWIZZLE_NONE, 0);
+  box_load(0, CU_TENSOR_MAP_SWIZZLE_64B, 64, 32);
+  box_load(-5, CU_TENSOR_MAP_SWIZZLE_64B, 64, 32);
+  box_load(0, CU_TENSOR_MAP_SWIZZLE_32B, 32, 16);
   byte_count_mismatch_hangs();
   misuse_fails();
-  if (failures) {
-    printf("%d failures\n", failures);
-    return 1;
-  }
-  printf("all TMA checks pass\n");
-  return 0;
+  return emu_check::finish("all TMA checks pass");
 }

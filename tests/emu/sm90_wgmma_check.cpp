@@ -36,6 +36,7 @@ inline size_t __cvta_generic_to_shared(const void* ptr) { return kvk::emu::share
 #include <string>
 #include <vector>
 
+#include "check.h"
 #include "emu/device.h"
 #include "emu/ptx.h"
 #include "emu/runtime.h"
@@ -46,11 +47,9 @@ namespace GMMA = cute::SM90::GMMA;
 
 namespace {
 
-int failures = 0;
+using kvk::emu_check::check;
 
-void fail_case(const std::string& what) {
-  if (failures++ < 12) printf("FAIL %s\n", what.c_str());
-}
+void fail_case(const std::string& what) { check(false, what); }
 
 constexpr int kM = 64, kK = 64;  // one warpgroup's rows; four k-blocks of 16
 
@@ -73,15 +72,6 @@ auto atom() {
 std::string layout_name(GMMA::Major major, int swizzle) {
   return std::string(major == GMMA::Major::K ? "K" : "MN") + "-major " +
          (swizzle ? std::to_string(swizzle) + "B swizzle" : std::string("interleave"));
-}
-
-std::string run(const char* name, size_t smem, const std::function<void()>& body) {
-  try {
-    kvk::emu::run_grid(name, dim3(1), dim3(128), smem, body);
-  } catch (const std::runtime_error& e) {
-    return e.what();
-  }
-  return "";
 }
 
 // The CuTe op: D (64 x N, fp32) = A (64 x 16, fp16) B (16 x N, fp16), A from shared memory or registers.
@@ -125,7 +115,7 @@ void gemm_case() {
   for (auto& x : c) x = static_cast<float>(small(rng));
 
   int address_mismatches = 0;
-  const std::string err = run("wgmma_check", 1024 + kBytesA + kBytesB, [&] {
+  const std::string err = kvk::emu_check::run("wgmma_check", 128, 1024 + kBytesA + kBytesB, [&] {
     const int tid = threadIdx.x;
     unsigned char* smem = kvk::emu::current_block().smem + 1024;  // on a 1024-byte swizzle-atom boundary
     Tensor sA = make_tensor(make_smem_ptr(reinterpret_cast<half_t*>(smem)), layout_a);
@@ -280,10 +270,5 @@ int main() {
   gemm_case<64, Major::K, 128, Major::MN, 128, true>();
   gemm_case<256, Major::K, 128, Major::MN, 128, true>();
   gemm_case<64, Major::K, 128, Major::K, 32, true>();
-  if (failures) {
-    printf("%d failures\n", failures);
-    return 1;
-  }
-  printf("all wgmma checks pass\n");
-  return 0;
+  return kvk::emu_check::finish("all wgmma checks pass");
 }

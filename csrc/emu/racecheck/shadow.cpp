@@ -2,14 +2,18 @@
 // the compiler's -fsanitize=thread pass calls. Compiled WITHOUT that flag (a hook must not call
 // itself) and linked into the racecheck variant of the emulator only.
 //
-// Per byte of the block's shared memory the shadow keeps the last write and the reads since it:
-// which thread, and the ordering clocks at the access (the block's barrier count, the accessing
-// warp's __syncwarp count). An access by thread t conflicts with an earlier one by u != t unless a
-// barrier both reached lies between them: a later block barrier, or a later __syncwarp of their
-// common warp. Conflicting read/write or write/write pairs are reported at the second access.
+// Per byte of the block's shared memory the shadow keeps the last write and the reads since it
+// (up to kReadSlots readers exactly, a summary beyond): which thread, and its clocks at the access
+// (the block's barrier count, the thread's warp's __syncwarp count, the thread's own clock). An
+// access by thread t is ordered after an earlier one by u != t when a barrier both reached lies
+// between them (a later block barrier, or a later __syncwarp of their common warp) or when t has
+// acquired u's clock of that access through releases and acquires (FastTrack-style vector
+// clocks). Conflicting read/write or write/write pairs that are not ordered are reported at the
+// second access. TMA copies are agents with thread ids past the block's warps.
 #define KVK_EMU_RACECHECK 1
 #include "emu/racecheck.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
@@ -20,23 +24,49 @@ namespace race {
 namespace {
 
 constexpr int16_t kNone = -1;
-constexpr int16_t kMany = -2;  // several threads read the byte in the current block epoch
+constexpr int16_t kMany = -2;  // readers of several warps
+constexpr int kReadSlots = 8;  // readers of a byte tracked one by one (8: every consumer warp of a wgmma operand)
+constexpr int kAgents = 32;    // TMA copies in flight with agents of their own (reused round robin)
+
+struct Access {
+  int16_t thread = kNone;
+  uint32_t epoch = 0;   // block epoch (0: none)
+  uint32_t wclock = 0;  // the thread's warp clock
+  uint32_t clock = 0;   // the thread's own clock
+};
+
+struct Read {
+  int16_t thread;
+  uint32_t wclock, clock;
+};
 
 struct Cell {
-  uint32_t w_epoch = 0, r_epoch = 0;    // block epochs of the last write / of the reads (0: none)
-  uint32_t w_wclock = 0, r_wclock = 0;  // warp clock at the write / latest warp clock among the reads
-  int16_t writer = kNone, reader = kNone;
-  int16_t r_warp = kNone;               // the readers' common warp, kMany when they span warps
+  Access write;             // the last write
+  uint32_t r_epoch = 0;     // block epoch of the reads below (0: none)
+  uint8_t n_reads = 0;      // readers in `reads`
+  bool overflow = false;    // more readers than slots: the summary below orders the rest
+  int16_t r_warp = kNone;   // the readers' common warp, kMany when they span warps
+  uint32_t r_wclock = 0;    // latest warp clock among the reads
+  Read reads[kReadSlots];
 };
 
 struct State {
   unsigned char* smem = nullptr;
   size_t bytes = 0;
-  int thread = -1;  // running fiber, -1: none (scheduler, torch glue, outside any launch)
+  int thread = -1;  // running fiber or copy agent, -1: none (scheduler, torch glue, outside any launch)
   bool internal = false;
   bool reporting = false;
   uint32_t epoch = 0;  // block barriers seen in this process (+1 at each block start)
-  std::vector<uint32_t> warp_clock;
+  int threads = 0;     // the block's threads; agents are agent0 .. agent0 + kAgents - 1
+  int agent0 = 0;
+  int next_agent = 0;
+  bool clocks_on = false;  // a release happened in this block: __syncwarp joins the lanes' clocks too
+  std::vector<uint32_t> warp_clock;         // per warp, then the agents' pseudo-warp (never synced)
+  std::vector<uint32_t> own;                // per thread and agent: its own clock, from 1
+  std::vector<std::vector<uint32_t>> seen;  // per thread and agent: the clocks it has acquired (lazily sized)
+  std::vector<uint32_t> scratch;
+  int saved_thread = -1;  // around a copy agent's scope
+  bool saved_internal = false;
   std::vector<Cell> shadow;
   Reporter report = nullptr;
 };
@@ -44,33 +74,66 @@ struct State {
 thread_local State s;
 
 int warp_of(int thread) { return thread / 32; }
+size_t ids() { return s.own.size(); }
 
-// Whether an access by `prior` at (epoch, wclock) is ordered before the running thread's access now.
-bool ordered(int prior, uint32_t epoch, uint32_t wclock) {
+// Whether an access by `prior` at (epoch, wclock, clock) is ordered before the running thread's now.
+bool ordered(int prior, uint32_t epoch, uint32_t wclock, uint32_t clock) {
   if (prior == s.thread || epoch != s.epoch) return true;
   const int w = warp_of(s.thread);
-  return warp_of(prior) == w && wclock < s.warp_clock[w];
+  if (warp_of(prior) == w && wclock < s.warp_clock[w]) return true;
+  const std::vector<uint32_t>& seen = s.seen[s.thread];
+  return static_cast<size_t>(prior) < seen.size() && seen[prior] >= clock;
+}
+
+void describe(char* out, size_t n, int thread, int warp) {
+  if (thread >= s.agent0) {
+    snprintf(out, n, "a TMA copy (async proxy)");
+  } else if (thread != kMany) {
+    snprintf(out, n, "thread %d (warp %d)", thread, warp_of(thread));
+  } else if (warp != kMany) {
+    snprintf(out, n, "several threads of warp %d", warp);
+  } else {
+    snprintf(out, n, "threads of several warps");
+  }
 }
 
 // other: the earlier thread, or kMany with other_warp the readers' common warp (kMany: several).
 [[noreturn]] void race(size_t offset, size_t n, bool write, const char* earlier, int other, int other_warp) {
   s.reporting = true;  // hooks stay off until the next block: the reporter runs instrumented code
-  char msg[512];
-  char who[48];
-  if (other != kMany) {
-    snprintf(who, sizeof(who), "thread %d (warp %d)", other, warp_of(other));
-  } else if (other_warp != kMany) {
-    snprintf(who, sizeof(who), "several threads of warp %d", other_warp);
-  } else {
-    snprintf(who, sizeof(who), "threads of several warps");
-  }
+  char msg[512], who[64], me[64];
+  describe(who, sizeof(who), other, other_warp);
+  describe(me, sizeof(me), s.thread, kNone);
   snprintf(msg, sizeof(msg),
-           "shared-memory race at byte offset %zu (a %zu-byte %s of thread %d, warp %d): it %s bytes %s by %s "
-           "with no barrier both took part in between",
-           offset, n, write ? "write" : "read", s.thread, warp_of(s.thread), write ? "overwrites" : "reads",
-           earlier, who);
+           "shared-memory race at byte offset %zu (a %zu-byte %s of %s): it %s bytes %s by %s with nothing "
+           "ordering the two (no barrier both took part in, no release it acquired)",
+           offset, n, write ? "write" : "read", me, write ? "overwrites" : "reads", earlier, who);
   s.report(msg);
   std::abort();  // the reporter never returns
+}
+
+void record_read(Cell& c, int w, uint32_t wclock, uint32_t clock) {
+  if (c.r_epoch != s.epoch) {
+    c.r_epoch = s.epoch;
+    c.n_reads = 0;
+    c.overflow = false;
+    c.r_warp = static_cast<int16_t>(w);
+    c.r_wclock = wclock;
+  } else {
+    if (c.r_warp != w) c.r_warp = kMany;
+    if (wclock > c.r_wclock) c.r_wclock = wclock;
+  }
+  for (int j = 0; j < c.n_reads; ++j) {
+    if (c.reads[j].thread == s.thread) {  // its latest read orders its earlier ones
+      c.reads[j].wclock = wclock;
+      c.reads[j].clock = clock;
+      return;
+    }
+  }
+  if (c.n_reads < kReadSlots) {
+    c.reads[c.n_reads++] = Read{static_cast<int16_t>(s.thread), wclock, clock};
+  } else {
+    c.overflow = true;
+  }
 }
 
 void check(const void* ptr, size_t n, bool write) {
@@ -81,33 +144,42 @@ void check(const void* ptr, size_t n, bool write) {
   const size_t end = offset + n < s.bytes ? offset + n : s.bytes;  // past the end: AddressSanitizer's part
   const int w = warp_of(s.thread);
   const uint32_t wclock = s.warp_clock[w];
+  const uint32_t clock = s.own[s.thread];
   for (size_t i = offset; i < end; ++i) {
     Cell& c = s.shadow[i];
-    if (c.w_epoch && !ordered(c.writer, c.w_epoch, c.w_wclock)) race(offset, n, write, "written", c.writer, kNone);
-    const bool reads_now = c.r_epoch == s.epoch;
-    if (write) {
-      if (reads_now && c.reader != s.thread) {
-        const bool same_warp_before_sync = c.r_warp == w && c.r_wclock < wclock;
-        if (c.reader == kMany ? !same_warp_before_sync : !ordered(c.reader, c.r_epoch, c.r_wclock)) {
-          race(offset, n, write, "read", c.reader, c.r_warp);
-        }
-      }
-      c.writer = static_cast<int16_t>(s.thread);
-      c.w_epoch = s.epoch;
-      c.w_wclock = wclock;
-      c.r_epoch = 0;
-      c.reader = c.r_warp = kNone;
-    } else if (!reads_now || c.reader == kNone) {
-      c.reader = static_cast<int16_t>(s.thread);
-      c.r_warp = static_cast<int16_t>(w);
-      c.r_epoch = s.epoch;
-      c.r_wclock = wclock;
-    } else {
-      if (c.reader != s.thread) c.reader = kMany;
-      if (c.r_warp != w) c.r_warp = kMany;
-      if (wclock > c.r_wclock) c.r_wclock = wclock;
+    const Access& last = c.write;
+    if (last.epoch && !ordered(last.thread, last.epoch, last.wclock, last.clock)) {
+      race(offset, n, write, "written", last.thread, kNone);
     }
+    if (!write) {
+      record_read(c, w, wclock, clock);
+      continue;
+    }
+    if (c.r_epoch == s.epoch) {
+      for (int j = 0; j < c.n_reads; ++j) {
+        const Read& r = c.reads[j];
+        if (!ordered(r.thread, c.r_epoch, r.wclock, r.clock)) race(offset, n, write, "read", r.thread, kNone);
+      }
+      // Readers past the slots: only a __syncwarp of the writer's own warp after all of them orders them.
+      if (c.overflow && !(c.r_warp == w && c.r_wclock < wclock)) race(offset, n, write, "read", kMany, c.r_warp);
+    }
+    c.write = Access{static_cast<int16_t>(s.thread), s.epoch, wclock, clock};
+    c.r_epoch = 0;
   }
+}
+
+void join(std::vector<uint32_t>& into, const std::vector<uint32_t>& from) {
+  if (from.empty()) return;
+  if (into.size() < from.size()) into.resize(from.size(), 0);
+  for (size_t i = 0; i < from.size(); ++i) into[i] = std::max(into[i], from[i]);
+}
+
+void release_by(int thread, Clock& c) {
+  s.clocks_on = true;
+  join(c.seen, s.seen[thread]);
+  if (c.seen.size() < ids()) c.seen.resize(ids(), 0);
+  c.seen[thread] = std::max(c.seen[thread], s.own[thread]);
+  ++s.own[thread];  // its later accesses are not covered by this release
 }
 
 }  // namespace
@@ -119,7 +191,15 @@ void block_begin(unsigned char* smem, size_t bytes, int threads, Reporter report
   s.internal = s.reporting = false;
   s.report = report;
   ++s.epoch;  // nothing of an earlier block conflicts with this one
-  s.warp_clock.assign(static_cast<size_t>((threads + 31) / 32), 0);
+  const int warps = (threads + 31) / 32;
+  s.threads = threads;
+  s.agent0 = 32 * warps;
+  s.next_agent = 0;
+  s.clocks_on = false;
+  s.warp_clock.assign(static_cast<size_t>(warps) + 1, 0);
+  s.own.assign(static_cast<size_t>(s.agent0 + kAgents), 1);
+  if (s.seen.size() < s.own.size()) s.seen.resize(s.own.size());
+  for (std::vector<uint32_t>& v : s.seen) v.clear();
   if (s.shadow.size() < bytes) s.shadow.resize(bytes);
 }
 
@@ -131,9 +211,71 @@ void block_end() {
 
 void set_thread(int linear) { s.thread = linear; }
 void block_barrier() { ++s.epoch; }
-void warp_barrier(int warp) { ++s.warp_clock[static_cast<size_t>(warp)]; }
+
+void warp_barrier(int warp) {
+  ++s.warp_clock[static_cast<size_t>(warp)];
+  if (!s.clocks_on) return;  // no release yet: the warp clock alone orders the lanes
+  // The lanes leave with the union of their clocks, so a release by one lane carries what the
+  // others did before the barrier.
+  const int first = 32 * warp, last = std::min(first + 32, s.threads);
+  s.scratch.assign(ids(), 0);
+  for (int t = first; t < last; ++t) {
+    join(s.scratch, s.seen[t]);
+    s.scratch[t] = std::max(s.scratch[t], s.own[t]);
+  }
+  for (int t = first; t < last; ++t) {
+    s.seen[t] = s.scratch;
+    ++s.own[t];
+  }
+}
+
 void set_internal(bool on) { s.internal = on; }
 void access(const void* ptr, size_t bytes, bool write) { check(ptr, bytes, write); }
+
+void access_as(int thread, const void* ptr, size_t bytes, bool write) {
+  const int saved = s.thread;
+  const bool saved_internal = s.internal;
+  s.thread = thread;
+  s.internal = false;
+  check(ptr, bytes, write);
+  s.thread = saved;
+  s.internal = saved_internal;
+}
+
+void release(Clock& c) {
+  if (s.thread >= 0 && s.smem) release_by(s.thread, c);
+}
+
+void acquire_for(int thread, const Clock& c) {
+  if (thread < 0 || !s.smem || c.seen.empty()) return;
+  s.clocks_on = true;
+  join(s.seen[thread], c.seen);
+}
+
+void acquire(const Clock& c) { acquire_for(s.thread, c); }
+
+AsyncCopy async_issue() {
+  AsyncCopy copy;
+  if (s.thread < 0 || !s.smem) return copy;
+  copy.agent = s.agent0 + s.next_agent++ % kAgents;
+  release_by(s.thread, copy.issued);
+  return copy;
+}
+
+void async_begin(const AsyncCopy& copy) {
+  s.saved_thread = s.thread;
+  s.saved_internal = s.internal;
+  if (copy.agent < 0 || !s.smem) return;
+  s.thread = copy.agent;
+  s.internal = false;
+  s.seen[copy.agent] = copy.issued.seen;  // it has seen what its issuer had
+  ++s.own[copy.agent];                    // a new copy: what was seen of the agent's last one does not cover it
+}
+
+void async_end() {
+  s.thread = s.saved_thread;
+  s.internal = s.saved_internal;
+}
 
 }  // namespace race
 }  // namespace emu
