@@ -30,6 +30,7 @@ RACE_SHADOW = os.path.join("emu", "racecheck", "shadow.cpp")
 # registering its own ops); the rest of csrc/emu/*.cpp is the emulator itself. A variant built for
 # some of them compiles only theirs: a patch of one kernel recompiles only what runs it.
 OPS = ("append", "cache_attention", "decode", "prefill")
+REQUIRES = {"cache_attention": ("decode",)}  # its launcher completes its parameters with decode's
 
 
 def cuda_include() -> str:
@@ -63,7 +64,7 @@ def variant(name: str, patches: dict[str, tuple[str, str]] | None = None, *, san
     checker (one or the other)."""
     assert not (sanitize and racecheck), "AddressSanitizer and the race checker's instrumentation do not mix"
     assert ops and set(ops) <= set(OPS), ops
-    ops = tuple(sorted(set(ops)))
+    ops = tuple(sorted(set(ops).union(*(REQUIRES.get(op, ()) for op in ops))))
     folder = name if ops == OPS else f"{name}-{'+'.join(ops)}"  # one build folder per op set
     tree = os.path.join(VARIANTS, folder)
     os.makedirs(tree, exist_ok=True)
