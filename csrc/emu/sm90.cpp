@@ -5,6 +5,7 @@
 #include "emu/runtime.h"
 
 #include <cstring>
+#include <utility>
 
 namespace kvk {
 
@@ -45,8 +46,7 @@ void maybe_complete(MBarrier& m) {
   if (m.pending != 0 || m.tx != 0) return;
   ++m.phase;
   m.pending = m.count;
-  m.completed = std::move(m.arrivals);
-  m.arrivals = emu::race::Clock{};
+  m.completed = std::exchange(m.arrivals, {});
   for (int t : m.waiters) emu::wake(t);
   m.waiters.clear();
 }

@@ -49,8 +49,6 @@ namespace {
 
 using kvk::emu_check::check;
 
-void fail_case(const std::string& what) { check(false, what); }
-
 constexpr int kM = 64, kK = 64;  // one warpgroup's rows; four k-blocks of 16
 
 // The canonical GMMA layout atoms of 16-bit elements, by name.
@@ -173,8 +171,8 @@ void gemm_case() {
       d[(mn % kM) * N + mn / kM] = acc[v];
     }
   });
-  if (!err.empty()) return fail_case(name + ": " + err);
-  if (address_mismatches) fail_case(name + ": " + std::to_string(address_mismatches) + " descriptor addresses differ");
+  if (!err.empty()) return check(false, name + ": " + err);
+  check(address_mismatches == 0, name + ": " + std::to_string(address_mismatches) + " descriptor addresses differ");
   int wrong = 0;
   for (int m = 0; m < kM; ++m) {
     for (int n = 0; n < N; ++n) {
@@ -185,7 +183,7 @@ void gemm_case() {
       }
     }
   }
-  if (wrong) fail_case(name + ": " + std::to_string(wrong) + " of D wrong");
+  check(wrong == 0, name + ": " + std::to_string(wrong) + " of D wrong");
 }
 
 // Descriptor fields as the PTX ISA lays them out (start, LBO, SBO in 16-byte units; layout in bits 62-63).
@@ -231,7 +229,7 @@ void ptx_isa_cases() {
       err = e.what();
     }
     if (!err.empty() || got != c.address) {
-      fail_case(std::string("PTX ISA ") + c.what + ": element (" + std::to_string(c.mn) + ", " +
+      check(false, std::string("PTX ISA ") + c.what + ": element (" + std::to_string(c.mn) + ", " +
                 std::to_string(c.k) + ") at " + std::to_string(got) + ", expected " + std::to_string(c.address) +
                 (err.empty() ? "" : " (" + err + ")"));
     }
@@ -244,7 +242,7 @@ void ptx_isa_cases() {
     } catch (const std::runtime_error&) {
       refused = true;
     }
-    if (!refused) fail_case("a descriptor with a base offset or a reserved bit set was decoded");
+    check(refused, "a descriptor with a base offset or a reserved bit set was decoded");
   }
 }
 
